@@ -1,1 +1,30 @@
+//! lowport runs a server in its own user and network namespaces, where it is uid 0 and may bind port
+//! 80, and forwards host ports to it, all without any privilege on the host.
+//!
+//! # Layout
+//!
+//! A launch ([`launch::run`]) flows through the modules in this order:
+//!
+//! - [`publish`]: parses `-p [HOST_IP:]HOST_PORT:PORT[/tcp]`.
+//! - [`host`]: binds the host sockets, in the host's network namespace, before anything else changes.
+//! - [`capabilities`]: drops every capability once the host sockets exist, and again after set-up.
+//! - [`userns`]: plans the uid/gid maps (single id, or /etc/subuid ranges through newuidmap), diagnoses
+//!   a refused `unshare`, and writes the maps.
+//! - [`netns`]: inside the new network namespace, brings `lo` up and sets `ip_unprivileged_port_start`.
+//! - [`init`]: starts a pid-1 helper in a new pid namespace and the command under it; the helper
+//!   forwards signals, reaps, and dies with the launcher, taking every process of the command along.
+//! - [`forward`]: relays each host connection to the port inside with splice(2), on a tokio runtime
+//!   that starts only after the namespaces exist.
+//! - [`sys`]: the few raw system calls, and every `unsafe` block.
 
+pub mod capabilities;
+pub mod forward;
+pub mod host;
+pub mod init;
+pub mod launch;
+pub mod netns;
+pub mod publish;
+pub mod sys;
+pub mod userns;
+
+pub use launch::{run, Config, LaunchError};

@@ -1,1 +1,100 @@
-fn main() {}
+//! The `lowport` command: parses the command line, sets up logging, runs one launch, and exits with
+//! its status.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lowport::publish::PublishSpec;
+use lowport::userns::Mode;
+
+/// Run a server on port 80 (or any port) with no root: lowport starts COMMAND in new user and network
+/// namespaces where it is uid 0, lets it bind low ports there, and forwards host ports to it.
+#[derive(Parser)]
+#[command(name = "lowport", version, propagate_version = true)]
+struct Cli {
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter); LOWPORT_LOG also works
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run COMMAND in new user and network namespaces, with host ports published to it
+    #[command(
+        after_long_help = "EXAMPLES:\n  lowport run -p 8080:80 -- nginx -g 'daemon off;'\n  lowport run -p 127.0.0.1:8080:80 -p 8443:443 -- ./server\n  lowport run -p 0:80 --ready-fd 3 -- python3 -m http.server 80 3>ready.json\n  lowport run -- bash            # a shell in which `id` says uid 0\n\nEXIT STATUS:\n  The command's own status, or 128+N when signal N killed it; 2 for bad usage; 125 when lowport\n  itself fails before the command runs; 126 when the command cannot run; 127 when it is not found."
+    )]
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Publish a host port: listen on HOST_IP:HOST_PORT on the host (every IPv4 and IPv6 address when
+    /// HOST_IP is left out) and relay each connection to PORT inside. HOST_PORT 0 picks a free port.
+    /// IPv6 addresses go in brackets: [::1]:8080:80. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp]")]
+    publish: Vec<PublishSpec>,
+
+    /// How ids are mapped: `single` maps you to 0 and nothing else; `subids` also maps your ranges from
+    /// /etc/subuid and /etc/subgid from 1 upward (through newuidmap/newgidmap), so a server can switch
+    /// its workers to another uid; `auto` uses subids when you have ranges and the helpers exist
+    #[arg(long, value_enum, default_value_t = Mode::Auto, value_name = "MODE")]
+    userns: Mode,
+
+    /// The namespace's net.ipv4.ip_unprivileged_port_start: ports from N up may be bound by any uid
+    /// inside, so a server still binds port 80 after dropping to another uid or losing capabilities
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    port_start: u16,
+
+    /// Once every host socket listens and the command has started, write one JSON line to this open
+    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port"}]}
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<RawFd>,
+
+    /// The most relayed connections at once, over all published ports; beyond it new clients wait in
+    /// the host socket's backlog
+    #[arg(long, default_value_t = 16384, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// The program to run and its arguments (put `--` before it when it takes options of its own)
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let Command::Run(args) = cli.command;
+    let config = lowport::Config {
+        publish: args.publish,
+        userns: args.userns,
+        port_start: args.port_start,
+        ready_fd: args.ready_fd,
+        max_connections: args.max_connections as usize,
+        command: args.command,
+    };
+    match lowport::run(config) {
+        Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("lowport: {err}");
+            ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let wanted = level.map(str::to_owned).or_else(|| std::env::var("LOWPORT_LOG").ok());
+    let filter = wanted
+        .and_then(|w| EnvFilter::try_new(w).ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,190 @@
+//! The TCP forwarder: accepts on the host sockets and relays each connection to the port inside.
+//!
+//! The launcher runs this after it has entered the network namespace, while the listening sockets were
+//! bound before, in the host's namespace: a socket stays in the namespace it was created in. So an
+//! accepted connection comes from the host, and the socket created for the inner side connects inside,
+//! with no helper process and no round trip per connection.
+//!
+//! Bytes move with splice(2) through a pipe per direction, so they never enter user space; tokio's
+//! readiness drives the splices. When one side finishes sending, the other side's write half is shut
+//! down (half-close), and the connection ends when both directions have ended or either fails.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{OFlag, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// How many bytes one splice asks for; a default pipe holds 16 pages.
+const CHUNK: usize = 64 * 1024;
+
+/// Where and how accepted connections go.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The port inside the namespace.
+    pub port: u16,
+}
+
+impl Target {
+    /// The inner addresses to try for a client, its own family first: a server that listens on one
+    /// family only still gets the other family's clients.
+    fn candidates(&self, client: &SocketAddr) -> [SocketAddr; 2] {
+        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port);
+        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.port);
+        let client_v4 = match client.ip() {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+        };
+        if client_v4 {
+            [v4, v6]
+        } else {
+            [v6, v4]
+        }
+    }
+}
+
+/// Serves one listener until `shutdown` completes. `limit` bounds the connections of every listener
+/// that shares it: when it is exhausted, accepting waits and new clients queue in the backlog.
+pub async fn serve(
+    listener: TcpListener,
+    target: Target,
+    limit: Arc<Semaphore>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::select! {
+        () = accept_loop(&listener, &target, &limit) => {}
+        () = shutdown => {}
+    }
+}
+
+async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaphore>) {
+    let mut backoff = Duration::from_millis(5);
+    let local = listener.local_addr().ok();
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                backoff = Duration::from_millis(5);
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = handle(client, peer, &target).await {
+                        debug!(%peer, ?err, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(err) if is_resource_shortage(&err) => {
+                // Out of descriptors or memory: wait for connections to end instead of spinning.
+                warn!(?err, ?local, delay_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(err) => {
+                debug!(?err, ?local, "accept failed");
+                drop(permit);
+            }
+        }
+    }
+}
+
+fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, target: &Target) -> io::Result<()> {
+    let upstream = connect(target, &peer).await?;
+    client.set_nodelay(true)?;
+    upstream.set_nodelay(true)?;
+    relay(&client, &upstream).await
+}
+
+async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
+    let [first, second] = target.candidates(peer);
+    match TcpStream::connect(first).await {
+        Ok(stream) => Ok(stream),
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            TcpStream::connect(second).await.map_err(|second_err| {
+                warn!(%peer, port = target.port, ?err, ?second_err, "nothing listens on the port inside; closing the client's connection");
+                second_err
+            })
+        }
+        Err(err) => {
+            warn!(%peer, %first, ?err, "cannot connect inside");
+            Err(err)
+        }
+    }
+}
+
+/// Relays both directions until both are done, or either fails; then both sockets close.
+pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
+    tokio::try_join!(pump(a, b), pump(b, a)).map(|_| ())
+}
+
+/// A pipe used as the splice buffer of one direction.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Pipe { read, write })
+    }
+}
+
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
+}
+
+/// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s write half.
+///
+/// The pipe is filled only when empty and then drained completely, so an EAGAIN from the fill always
+/// means the socket has no data (never that the pipe is full) and tokio's readiness stays exact.
+async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    // Created at the first byte: an idle connection costs no pipe.
+    let mut pipe: Option<Pipe> = None;
+    let mut total = 0u64;
+    loop {
+        src.readable().await?;
+        let p = match &pipe {
+            Some(p) => p,
+            None => pipe.insert(Pipe::new()?),
+        };
+        let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, CHUNK)) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = filled;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || splice(&p.read, dst, left)) {
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        total += filled as u64;
+    }
+    // The peer sent FIN: pass it on, and keep the other direction open (half-close).
+    match nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), nix::sys::socket::Shutdown::Write) {
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(total),
+        Err(e) => Err(e.into()),
+    }
+}

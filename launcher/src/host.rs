@@ -1,0 +1,148 @@
+//! The host side of publishing: binding each `--publish` host address before any namespace exists.
+//!
+//! Binding happens first, in the host's network namespace and with the caller's own rights (plus
+//! `cap_net_bind_service` when the binary carries that file capability), so every later step can fail
+//! cleanly: the sockets just close when the launcher exits.
+
+use std::fs;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+
+use crate::publish::PublishSpec;
+
+/// One bound host socket and the mapping it serves.
+#[derive(Debug)]
+pub struct HostSocket {
+    pub spec: PublishSpec,
+    /// The address as bound, with the real port when 0 was asked for.
+    pub addr: SocketAddr,
+    pub listener: std::net::TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("host port {port} on {ip} is already in use (-p {spec}): stop the program that holds it (ss -ltnp 'sport = :{port}' names it), publish another host port, or use 0 to let lowport pick a free one")]
+    InUse {
+        spec: PublishSpec,
+        ip: IpAddr,
+        port: u16,
+    },
+    #[error("cannot bind host port {port} (-p {spec}): ports below {start} need privilege on this host (net.ipv4.ip_unprivileged_port_start is {start}). Publish a host port of {start} or above, as in -p {suggest}:{inner}; or, once, as root: give lowport the capability with setcap cap_net_bind_service=ep \"$(command -v lowport)\", or lower the host's threshold with sysctl -w net.ipv4.ip_unprivileged_port_start={port} (see docs/troubleshooting.md)")]
+    Privileged {
+        spec: PublishSpec,
+        port: u16,
+        start: u16,
+        suggest: u32,
+        inner: u16,
+    },
+    #[error("cannot bind {ip} (-p {spec}): it is not an address of this host")]
+    NotLocal { spec: PublishSpec, ip: IpAddr },
+    #[error("cannot bind {addr} (-p {spec}): {source}")]
+    Other {
+        spec: PublishSpec,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds and listens on every host address of every spec. `proc_sys` (normally /proc/sys) is read only
+/// to explain a refusal.
+pub fn bind_all(specs: &[PublishSpec], proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
+    let mut sockets = Vec::new();
+    for spec in specs {
+        sockets.extend(bind_spec(spec, proc_sys)?);
+    }
+    Ok(sockets)
+}
+
+fn bind_spec(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
+    // With both families and port 0, the IPv6 socket must get the port the IPv4 one got; another
+    // program may hold that port on IPv6 only, so try a few times before giving up.
+    let attempts = if spec.host_ip.is_none() && spec.host_port == 0 { 8 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        match bind_spec_once(spec, proc_sys) {
+            Ok(sockets) => return Ok(sockets),
+            Err(e @ BindError::InUse { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+fn bind_spec_once(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
+    let mut sockets: Vec<HostSocket> = Vec::new();
+    let mut port = spec.host_port;
+    for ip in spec.host_addrs() {
+        let addr = SocketAddr::new(ip, port);
+        match bind_tcp(addr) {
+            Ok(listener) => {
+                let bound = listener.local_addr().map_err(|source| BindError::Other {
+                    spec: spec.clone(),
+                    addr,
+                    source,
+                })?;
+                port = bound.port();
+                sockets.push(HostSocket {
+                    spec: spec.clone(),
+                    addr: bound,
+                    listener,
+                });
+            }
+            // "All addresses" includes IPv6 only where the host has it.
+            Err(e) if spec.host_ip.is_none() && ip.is_ipv6() && is_family_unavailable(&e) => {
+                tracing::debug!(?e, "no IPv6 on this host; publishing on IPv4 only");
+            }
+            Err(source) => return Err(explain(spec, addr, source, proc_sys)),
+        }
+    }
+    Ok(sockets)
+}
+
+fn is_family_unavailable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL))
+}
+
+fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &Path) -> BindError {
+    let spec = spec.clone();
+    match source.raw_os_error() {
+        Some(libc::EADDRINUSE) => BindError::InUse {
+            spec,
+            ip: addr.ip(),
+            port: addr.port(),
+        },
+        Some(libc::EACCES) => {
+            let start = fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(1024);
+            BindError::Privileged {
+                port: addr.port(),
+                start,
+                suggest: (8000 + u32::from(addr.port())).max(u32::from(start)),
+                inner: spec.port,
+                spec,
+            }
+        }
+        Some(libc::EADDRNOTAVAIL) => BindError::NotLocal { spec, ip: addr.ip() },
+        _ => BindError::Other { spec, addr, source },
+    }
+}
+
+/// A listening TCP socket; IPv6 sockets are IPv6-only so that 0.0.0.0 and [::] can share a port.
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    // Lets a new launch rebind at once while connections of a previous one sit in TIME_WAIT.
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::MAXCONN)?;
+    Ok(std::net::TcpListener::from(fd))
+}

@@ -1,0 +1,316 @@
+//! The command's process tree: a tiny pid-1 helper in a new pid namespace, and the command under it.
+//!
+//! Why a pid namespace: when the launcher dies, even by SIGKILL, everything the command started must
+//! die too, nginx's workers included. The helper is pid 1 of its own pid namespace and carries
+//! `PR_SET_PDEATHSIG(SIGKILL)`, so the launcher's death kills it, and the death of a namespace's pid 1
+//! makes the kernel kill every other process in it (pid_namespaces(7)).
+//!
+//! Why a helper rather than the command as pid 1: the kernel delivers to a namespace's pid 1 only the
+//! signals it has a handler for, so `sleep` as pid 1 would ignore the SIGTERM a user sends. The helper
+//! waits for the forwarded signals with `sigwaitinfo` and passes each on to the command, reaps orphans,
+//! and exits with the command's status (128 + N when signal N killed it), as tini and bubblewrap do.
+//!
+//! Start-up is reported over a close-on-exec pipe: the command writes its pid (as the host sees it)
+//! before `execvp`, and the errno after a failed one; end-of-file means the exec happened.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::sys::{self, CloneResult};
+
+/// What to run inside the namespaces.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    pub argv: Vec<OsString>,
+    /// Sockets to hand over with systemd's socket-activation protocol, with their names.
+    pub activation: Vec<(RawFd, String)>,
+}
+
+/// The running command, as the launcher sees it.
+#[derive(Debug)]
+pub struct Started {
+    /// The pid-1 helper, the launcher's direct child.
+    pub init: Pid,
+    /// The command's pid as the host sees it (0 if /proc could not tell).
+    pub child_pid: u32,
+    /// Kept open for the helper's lifetime check; closing it tells a helper that started late that
+    /// the launcher is gone.
+    _lifeline: OwnedFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot start the command's process: {0}")]
+    Spawn(#[source] io::Error),
+    #[error("{program}: command not found (check the name and PATH, or give a full path)")]
+    NotFound { program: String },
+    #[error("cannot run {program}: {source} (is it an executable file, and may the caller run it?)")]
+    NotExecutable {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run {program}: {source}")]
+    Exec {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0:?} contains a NUL byte")]
+    Nul(OsString),
+}
+
+impl InitError {
+    /// The shell's convention: 127 for a command that is not there, 126 for one that cannot run.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            InitError::NotFound { .. } => 127,
+            InitError::NotExecutable { .. } => 126,
+            _ => 125,
+        }
+    }
+
+    fn from_exec_errno(program: &OsStr, errno: i32) -> InitError {
+        let program = program.to_string_lossy().into_owned();
+        let source = io::Error::from_raw_os_error(errno);
+        match errno {
+            libc::ENOENT => InitError::NotFound { program },
+            libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::EPERM => {
+                InitError::NotExecutable { program, source }
+            }
+            _ => InitError::Exec { program, source },
+        }
+    }
+}
+
+/// Looks the program up the way `execvp` will, so a missing command is reported before anything is
+/// set up. Returns the errno `execvp` would most likely fail with.
+pub fn precheck(program: &OsStr) -> Result<(), InitError> {
+    let bytes = program.as_bytes();
+    // A path that cannot be looked at (missing, or under a directory the caller may not search) does
+    // not hold the command; one that exists but cannot be run explains why.
+    let check = |path: &std::path::Path| -> Result<(), i32> {
+        match std::fs::metadata(path) {
+            Err(_) => Err(libc::ENOENT),
+            Ok(m) if m.is_dir() => Err(libc::EISDIR),
+            Ok(_) => {
+                let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::ENOENT)?;
+                nix::unistd::access(c.as_c_str(), nix::unistd::AccessFlags::X_OK).map_err(|e| e as i32)
+            }
+        }
+    };
+    let result = if bytes.contains(&b'/') {
+        check(std::path::Path::new(program))
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let mut first_error = libc::ENOENT;
+        let mut found = false;
+        for dir in std::env::split_paths(&path) {
+            match check(&dir.join(program)) {
+                Ok(()) => {
+                    found = true;
+                    break;
+                }
+                Err(libc::ENOENT) => {}
+                Err(e) if first_error == libc::ENOENT => first_error = e,
+                Err(_) => {}
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(first_error)
+        }
+    };
+    result.map_err(|errno| InitError::from_exec_errno(program, errno))
+}
+
+const MSG_PID: u8 = b'P';
+const MSG_EXEC_FAILED: u8 = b'E';
+const MSG_FORK_FAILED: u8 = b'F';
+
+/// Starts the pid-1 helper and the command under it.
+///
+/// The caller must be single-threaded and must already block `forward` (the signals to pass on), so
+/// the helper inherits them blocked. `close_in_helper` lists the launcher's own descriptors that the
+/// helper must not keep open (host sockets, `--ready-fd`).
+pub fn start(
+    command: &CommandSpec,
+    forward: &SigSet,
+    close_in_helper: &[RawFd],
+) -> Result<Started, InitError> {
+    let argv = command
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| InitError::Nul(a.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let program = command.argv[0].clone();
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (status_r, status_w) = nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
+    let (lifeline_r, lifeline_w) = nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
+
+    match sys::clone_into_new_pid_namespace().map_err(InitError::Spawn)? {
+        CloneResult::Child => {
+            drop(status_r);
+            drop(lifeline_w);
+            let code = helper_main(&argv, command, forward, close_in_helper, lifeline_r, status_w);
+            sys::exit_now(code)
+        }
+        CloneResult::Parent(init) => {
+            drop(status_w);
+            drop(lifeline_r);
+            let mut report = Vec::new();
+            let read = std::fs::File::from(status_r).read_to_end(&mut report);
+            let started = Started {
+                init,
+                child_pid: 0,
+                _lifeline: lifeline_w,
+            };
+            read.map_err(InitError::Spawn)?;
+            parse_report(&report, &program, started)
+        }
+    }
+}
+
+fn parse_report(report: &[u8], program: &OsStr, mut started: Started) -> Result<Started, InitError> {
+    let mut rest = report;
+    while let [tag, a, b, c, d, tail @ ..] = rest {
+        let value = i32::from_ne_bytes([*a, *b, *c, *d]);
+        match *tag {
+            MSG_PID => started.child_pid = value as u32,
+            MSG_EXEC_FAILED | MSG_FORK_FAILED => {
+                // The helper exits right after the command does; reap it so nothing is left.
+                let _ = waitpid(started.init, None);
+                return Err(if *tag == MSG_EXEC_FAILED {
+                    InitError::from_exec_errno(program, value)
+                } else {
+                    InitError::Spawn(io::Error::from_raw_os_error(value))
+                });
+            }
+            _ => break,
+        }
+        rest = tail;
+    }
+    Ok(started)
+}
+
+fn send(pipe: &OwnedFd, tag: u8, value: i32) {
+    let mut msg = [0u8; 5];
+    msg[0] = tag;
+    msg[1..].copy_from_slice(&value.to_ne_bytes());
+    let _ = nix::unistd::write(pipe.as_fd(), &msg);
+}
+
+/// pid 1 of the new pid namespace. Runs in a cloned copy of the single-threaded launcher.
+fn helper_main(
+    argv: &[CString],
+    command: &CommandSpec,
+    forward: &SigSet,
+    close: &[RawFd],
+    lifeline: OwnedFd,
+    status: OwnedFd,
+) -> i32 {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        return 125;
+    }
+    // The launcher may have died between clone and prctl; its end of the lifeline is then closed.
+    let mut fds = [nix::poll::PollFd::new(lifeline.as_fd(), nix::poll::PollFlags::POLLIN)];
+    if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
+        return 125;
+    }
+    drop(lifeline);
+    let activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
+    for fd in close.iter().filter(|fd| !activation.contains(fd)) {
+        sys::close_raw(*fd);
+    }
+
+    let mut waited = *forward;
+    waited.add(Signal::SIGCHLD);
+    let _ = waited.thread_block();
+
+    let child = match sys::fork() {
+        Ok(ForkResult::Child) => exec_command(argv, command, &status),
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            send(&status, MSG_FORK_FAILED, e.raw_os_error().unwrap_or(libc::EAGAIN));
+            return 125;
+        }
+    };
+    drop(status);
+    for fd in &activation {
+        sys::close_raw(*fd);
+    }
+
+    loop {
+        let Ok(sig) = sys::wait_for_signal(&waited) else {
+            return 125;
+        };
+        if sig == libc::SIGCHLD {
+            if let Some(code) = reap(child) {
+                return code;
+            }
+        } else if let Ok(sig) = Signal::try_from(sig) {
+            let _ = nix::sys::signal::kill(child, sig);
+        }
+    }
+}
+
+/// Reaps every exited child; returns the exit code for the helper when the command itself is done.
+fn reap(command: Pid) -> Option<i32> {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == command => return Some(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => return Some(128 + sig as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The command's side of the fork: a clean signal state, the activation sockets, then exec.
+fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! {
+    let host_pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<i32>().ok())
+        .unwrap_or(0);
+    send(status, MSG_PID, host_pid);
+
+    sys::reset_signal_to_default(Signal::SIGPIPE);
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+
+    if !command.activation.is_empty() {
+        if let Err(e) = pass_listen_fds(&command.activation) {
+            send(status, MSG_EXEC_FAILED, e.raw_os_error().unwrap_or(libc::EBADF));
+            sys::exit_now(125);
+        }
+    }
+
+    let err = nix::unistd::execvp(&argv[0], argv).unwrap_err();
+    send(status, MSG_EXEC_FAILED, err as i32);
+    sys::exit_now(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
+}
+
+/// systemd's protocol (sd_listen_fds(3)): descriptors from 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES.
+fn pass_listen_fds(fds: &[(RawFd, String)]) -> io::Result<()> {
+    // Move every socket above the target range first, so dup2 never overwrites one not yet moved.
+    let high = fds
+        .iter()
+        .map(|(fd, _)| sys::dup_at_least(sys::borrow_raw(*fd), 3 + fds.len() as RawFd))
+        .collect::<io::Result<Vec<OwnedFd>>>()?;
+    for (i, fd) in high.iter().enumerate() {
+        sys::dup_to(fd.as_raw_fd(), 3 + i as RawFd)?;
+    }
+    drop(high);
+    let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_str()).collect();
+    std::env::set_var("LISTEN_FDS", fds.len().to_string());
+    std::env::set_var("LISTEN_PID", std::process::id().to_string());
+    std::env::set_var("LISTEN_FDNAMES", names.join(":"));
+    let _ = io::stderr().flush();
+    Ok(())
+}

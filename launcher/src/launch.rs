@@ -1,0 +1,297 @@
+//! One launch, from validated arguments to the command's exit status, in the order the kernel demands.
+//!
+//! 1. Check what can be checked (the command exists, the id plan, `--ready-fd`) before touching anything.
+//! 2. Bind the host sockets; then drop every capability the binary may carry.
+//! 3. Block the signals that will be forwarded, fork the id-mapping helper when subordinate ids are used.
+//! 4. `unshare(CLONE_NEWUSER | CLONE_NEWNET)` and write the id maps.
+//! 5. Inside: `lo` up and `ip_unprivileged_port_start`.
+//! 6. Start the pid-1 helper in a new pid namespace and the command under it (`init`).
+//! 7. Drop the namespace's capabilities too, start the tokio runtime, forward, report readiness, wait.
+//!
+//! Steps 1 to 6 run with one thread: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers, and the
+//! forks must not copy a lock that another thread holds.
+
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::WaitStatus;
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use crate::capabilities::{self, CapsError};
+use crate::forward::{self, Target};
+use crate::host::{self, BindError, HostSocket};
+use crate::init::{self, CommandSpec, InitError, Started};
+use crate::netns::{self, NetnsError};
+use crate::publish::PublishSpec;
+use crate::sys;
+use crate::userns::{self, MapHelper, Plan, UsernsError};
+
+/// Everything `lowport run` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub publish: Vec<PublishSpec>,
+    pub userns: userns::Mode,
+    pub port_start: u16,
+    pub ready_fd: Option<RawFd>,
+    pub max_connections: usize,
+    pub command: Vec<OsString>,
+}
+
+/// The signals a user may send to lowport that the command receives.
+pub const FORWARDED_SIGNALS: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Userns(#[from] UsernsError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LaunchError {
+    /// 2 for bad usage, 127/126 for a command that is missing or cannot run, 125 for any other failure
+    /// of lowport itself (the child's own statuses are returned as `Ok` by [`run`]).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::Usage(_) => 2,
+            LaunchError::Init(e) => e.exit_code(),
+            _ => 125,
+        }
+    }
+
+    fn io(what: &'static str) -> impl FnOnce(io::Error) -> LaunchError {
+        move |source| LaunchError::Io { what, source }
+    }
+}
+
+/// Runs the command as described by `config` and returns the status lowport should exit with: the
+/// command's own, or 128 + N when signal N killed it.
+pub fn run(config: Config) -> Result<i32, LaunchError> {
+    let proc_sys = PathBuf::from("/proc/sys");
+
+    // 1. Validate.
+    let program = config
+        .command
+        .first()
+        .ok_or_else(|| LaunchError::Usage("no command given; usage: lowport run [OPTIONS] -- COMMAND [ARGS]...".into()))?;
+    if let Some(fd) = config.ready_fd {
+        if fd <= 2 || !sys::fd_is_open(fd) {
+            return Err(LaunchError::Usage(format!(
+                "--ready-fd {fd}: descriptor {fd} is not open{} (open it in the calling shell, as in {fd}>ready.json, or pass a pipe)",
+                if fd <= 2 { " for lowport's own use (0, 1 and 2 are the command's stdio)" } else { "" }
+            )));
+        }
+        // The command must not hold the reader's pipe open: a reader waiting for end-of-file would
+        // wait for the whole run.
+        sys::set_cloexec(fd, true).map_err(LaunchError::io("mark --ready-fd close-on-exec"))?;
+    }
+    init::precheck(program)?;
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    let plan = userns::plan(config.userns, uid, gid, &userns::Environment::default())?;
+    debug!(?plan, "id mapping");
+    if let Err(err) = sys::raise_nofile_limit() {
+        debug!(?err, "cannot raise the open-file limit");
+    }
+
+    // 2. Host sockets, then no capability on the host.
+    let sockets = host::bind_all(&config.publish, &proc_sys)?;
+    capabilities::drop_all()?;
+    // A binary with a file capability starts non-dumpable, which makes /proc/self/uid_map unwritable
+    // for its own user; with the capabilities gone there is nothing left to protect.
+    if !nix::sys::prctl::get_dumpable().unwrap_or(true) {
+        nix::sys::prctl::set_dumpable(true).map_err(|e| LaunchError::io("make the process dumpable")(e.into()))?;
+    }
+
+    // 3. Signals stay pending until the runtime reads them from a signalfd.
+    let mut forwarded = SigSet::empty();
+    for sig in FORWARDED_SIGNALS {
+        forwarded.add(sig);
+    }
+    forwarded.thread_block().map_err(|e| LaunchError::io("block signals")(e.into()))?;
+    let helper = match &plan {
+        Plan::Subids(p) => Some(MapHelper::spawn(p)?),
+        Plan::Single { .. } => None,
+    };
+
+    // 4. The namespaces.
+    if let Err(errno) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET) {
+        drop(helper);
+        return Err(userns::diagnose_unshare(errno, &proc_sys).into());
+    }
+    match (&plan, helper) {
+        (Plan::Single { uid, gid }, _) => userns::write_single_maps("/proc/self".as_ref(), *uid, *gid)?,
+        (Plan::Subids(_), Some(helper)) => helper.map()?,
+        (Plan::Subids(_), None) => unreachable!("the helper is forked for every subids plan"),
+    }
+
+    // 5. Inside the network namespace.
+    netns::loopback_up()?;
+    netns::set_unprivileged_port_start(&proc_sys, config.port_start)?;
+
+    // 6. The command.
+    let mut close_in_helper: Vec<RawFd> = sockets.iter().map(|s| s.listener.as_raw_fd()).collect();
+    close_in_helper.extend(config.ready_fd);
+    let command = CommandSpec {
+        argv: config.command.clone(),
+        activation: Vec::new(),
+    };
+    let started = init::start(&command, &forwarded, &close_in_helper)?;
+    debug!(init = %started.init, child = started.child_pid, "command started");
+
+    // 7. Nothing from here on needs a capability, in any namespace.
+    capabilities::drop_bounding()?;
+    capabilities::drop_all()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)))
+        .thread_name("lowport")
+        .enable_all()
+        .build()
+        .map_err(LaunchError::io("start the runtime"))?;
+    let status = runtime.block_on(supervise(config, sockets, started, forwarded))?;
+    runtime.shutdown_background();
+    Ok(status)
+}
+
+async fn supervise(
+    config: Config,
+    sockets: Vec<HostSocket>,
+    started: Started,
+    forwarded: SigSet,
+) -> Result<i32, LaunchError> {
+    let limit = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let mut bound = Vec::new();
+    for socket in sockets {
+        bound.push((socket.spec.clone(), socket.addr));
+        let listener = tokio::net::TcpListener::from_std(socket.listener)
+            .map_err(LaunchError::io("register a host socket"))?;
+        let target = Target { port: socket.spec.port };
+        tokio::spawn(forward::serve(listener, target, limit.clone(), std::future::pending()));
+    }
+
+    let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| LaunchError::io("read signals")(e.into()))?;
+    let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
+    let init_pid = started.init;
+    let child_pid = started.child_pid;
+    tokio::spawn(forward_signals(signals, init_pid, child_pid));
+
+    let waiter = tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(init_pid, None));
+
+    if let Some(fd) = config.ready_fd {
+        report_ready(fd, child_pid, &bound);
+    }
+
+    let status = waiter
+        .await
+        .map_err(|e| LaunchError::io("wait for the command")(io::Error::other(e)))?
+        .map_err(|e| LaunchError::io("wait for the command")(e.into()))?;
+    drop(started);
+    Ok(match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        other => {
+            warn!(?other, "unexpected wait status");
+            125
+        }
+    })
+}
+
+/// Passes each forwarded signal to the pid-1 helper, which passes it to the command.
+///
+/// A signal that the terminal generated (Ctrl-C, a resize, a hang-up) went to the whole foreground
+/// process group; when the command is in lowport's group it has already received it, and a second
+/// copy would make, say, Python raise KeyboardInterrupt twice.
+async fn forward_signals(signals: AsyncFd<SignalFd>, init: nix::unistd::Pid, child: u32) {
+    let own_group = nix::unistd::getpgrp();
+    loop {
+        let Ok(mut guard) = signals.readable().await else {
+            return;
+        };
+        let info = match guard.try_io(|fd| fd.get_ref().read_signal().map_err(io::Error::from)) {
+            Ok(Ok(Some(info))) => info,
+            Ok(Ok(None)) | Err(_) => continue,
+            Ok(Err(err)) => {
+                warn!(?err, "cannot read a signal");
+                return;
+            }
+        };
+        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+            continue;
+        };
+        let from_terminal = info.ssi_code == libc::SI_KERNEL;
+        let same_group = child != 0
+            && nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(child as i32))).ok() == Some(own_group);
+        if from_terminal && same_group {
+            debug!(?sig, "terminal signal already reached the command");
+            continue;
+        }
+        debug!(?sig, "forwarding");
+        let _ = nix::sys::signal::kill(init, sig);
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Ready<'a> {
+    pid: u32,
+    ports: Vec<ReadyPort<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ReadyPort<'a> {
+    protocol: &'a str,
+    host_ip: String,
+    host_port: u16,
+    port: u16,
+}
+
+/// Writes the one JSON line of `--ready-fd` and closes the descriptor, so a reader sees end-of-file.
+fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
+    let ports = bound
+        .iter()
+        .map(|(spec, addr)| ReadyPort {
+            protocol: "tcp",
+            host_ip: addr.ip().to_string(),
+            host_port: addr.port(),
+            port: spec.port,
+        })
+        .collect();
+    let mut line = serde_json::to_string(&Ready { pid, ports }).unwrap_or_default();
+    line.push('\n');
+    // lowport checked at start that the descriptor is open, and nothing else in it uses the number.
+    let mut file = std::fs::File::from(sys::own_raw(fd));
+    if let Err(err) = file.write_all(line.as_bytes()) {
+        warn!(?err, fd, "cannot write the readiness report");
+    }
+}

@@ -1,0 +1,456 @@
+//! The user namespace: which ids are mapped, and how the maps get written.
+//!
+//! `single` maps the caller to uid/gid 0 and nothing else; the launcher writes the maps itself, which the
+//! kernel allows for exactly that one id once `setgroups` is denied (user_namespaces(7)). `subids` also
+//! maps the caller's ranges from /etc/subuid and /etc/subgid from id 1 upward; only the setuid helpers
+//! `newuidmap` and `newgidmap` may write such maps, and they must run outside the namespace, so a small
+//! helper process is forked before `unshare` and runs them when asked.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+use crate::sys;
+
+/// How ids are mapped into the new user namespace (`--userns`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// `subids` when the caller has ranges in /etc/subuid and /etc/subgid and newuidmap/newgidmap exist,
+    /// `single` otherwise.
+    Auto,
+    /// The caller becomes 0; no other id exists inside.
+    Single,
+    /// The caller becomes 0 and its subordinate ranges follow from 1; needs newuidmap and newgidmap.
+    Subids,
+}
+
+/// A contiguous range of subordinate ids from /etc/subuid or /etc/subgid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// The mapping that the launch will install, decided before anything is changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Single { uid: u32, gid: u32 },
+    Subids(SubidPlan),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubidPlan {
+    pub uid: u32,
+    pub gid: u32,
+    pub subuids: Vec<IdRange>,
+    pub subgids: Vec<IdRange>,
+    pub newuidmap: PathBuf,
+    pub newgidmap: PathBuf,
+}
+
+impl SubidPlan {
+    /// The `ID-INSIDE ID-OUTSIDE COUNT` triples for newuidmap/newgidmap: the caller at 0, then each
+    /// range, one after the other, from 1.
+    fn triples(owner: u32, ranges: &[IdRange]) -> Vec<String> {
+        let mut args = vec!["0".to_owned(), owner.to_string(), "1".to_owned()];
+        let mut inside: u64 = 1;
+        for r in ranges {
+            // Ids inside stop at 2^32 - 2 (u32::MAX is the invalid id); clip what does not fit.
+            let room = (u64::from(u32::MAX) - inside) as u32;
+            let count = r.count.min(room);
+            if count == 0 {
+                break;
+            }
+            args.extend([inside.to_string(), r.start.to_string(), count.to_string()]);
+            inside += u64::from(count);
+        }
+        args
+    }
+}
+
+/// Files and commands the id mapping depends on; tests point them at a temporary directory.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    pub subuid: PathBuf,
+    pub subgid: PathBuf,
+    /// The `PATH` searched for newuidmap and newgidmap.
+    pub path: Option<std::ffi::OsString>,
+    /// Where `user.max_user_namespaces` and the distribution switches live (normally /proc/sys).
+    pub proc_sys: PathBuf,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment {
+            subuid: "/etc/subuid".into(),
+            subgid: "/etc/subgid".into(),
+            path: std::env::var_os("PATH"),
+            proc_sys: "/proc/sys".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsernsError {
+    #[error("--userns subids: {user} has no subordinate {kind} range in {file} (add one as root, for example: usermod --add-sub{short}s 100000-165535 {user}; or use --userns single)")]
+    NoSubids {
+        user: String,
+        kind: &'static str,
+        short: &'static str,
+        file: String,
+    },
+    #[error("--userns subids: {tool} was not found in PATH (install it: apt install uidmap, or dnf install shadow-utils; or use --userns single)")]
+    NoHelper { tool: &'static str },
+    #[error("cannot read {file}: {source}")]
+    ReadSubids {
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create a user namespace: user.max_user_namespaces is 0 (allow them as root: sysctl -w user.max_user_namespaces=15000)")]
+    MaxUserNamespacesZero,
+    #[error("cannot create a user namespace: this user already has user.max_user_namespaces ({0}) of them (raise it as root: sysctl -w user.max_user_namespaces=15000)")]
+    MaxUserNamespacesReached(u64),
+    #[error("cannot create a user namespace: kernel.unprivileged_userns_clone is 0, so this kernel lets only root create them (allow them as root: sysctl -w kernel.unprivileged_userns_clone=1)")]
+    UnprivilegedClone,
+    #[error("cannot create a user namespace: AppArmor restricts them for unprivileged users (kernel.apparmor_restrict_unprivileged_userns is 1; allow them as root with sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give lowport an AppArmor profile with the 'userns' permission)")]
+    AppArmor,
+    #[error("cannot create a user namespace: {0} (are user namespaces allowed here? a container or a seccomp filter may forbid them; see docs/troubleshooting.md)")]
+    Unshare(#[source] io::Error),
+    #[error("cannot write {file}: {source}")]
+    WriteMap {
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the id-mapping helper: {0}")]
+    Helper(#[source] io::Error),
+    #[error("{0}")]
+    HelperFailed(String),
+}
+
+/// Decides the mapping for `mode`, checking everything that can be checked before a namespace exists.
+pub fn plan(mode: Mode, uid: u32, gid: u32, env: &Environment) -> Result<Plan, UsernsError> {
+    if mode == Mode::Single {
+        return Ok(Plan::Single { uid, gid });
+    }
+    let user = nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+    let group = nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
+    let helpers = (find_in_path("newuidmap", env), find_in_path("newgidmap", env));
+    let subuids = read_ranges(&env.subuid, user.as_deref(), uid)?;
+    let subgids = read_ranges(&env.subgid, user.as_deref(), uid)
+        .map(|mut r| {
+            // shadow's newgidmap also accepts entries under the group's own name or id.
+            if r.is_empty() {
+                r = read_ranges(&env.subgid, group.as_deref(), gid).unwrap_or_default();
+            }
+            r
+        })?;
+
+    let usable = !subuids.is_empty() && !subgids.is_empty();
+    match (mode, helpers) {
+        (Mode::Auto, (Some(newuidmap), Some(newgidmap))) if usable => Ok(Plan::Subids(SubidPlan {
+            uid,
+            gid,
+            subuids,
+            subgids,
+            newuidmap,
+            newgidmap,
+        })),
+        (Mode::Auto, _) => Ok(Plan::Single { uid, gid }),
+        (_, (None, _)) => Err(UsernsError::NoHelper { tool: "newuidmap" }),
+        (_, (_, None)) => Err(UsernsError::NoHelper { tool: "newgidmap" }),
+        (_, (Some(newuidmap), Some(newgidmap))) => {
+            let who = user.unwrap_or_else(|| uid.to_string());
+            if subuids.is_empty() {
+                return Err(UsernsError::NoSubids {
+                    user: who,
+                    kind: "uid",
+                    short: "uid",
+                    file: env.subuid.display().to_string(),
+                });
+            }
+            if subgids.is_empty() {
+                return Err(UsernsError::NoSubids {
+                    user: who,
+                    kind: "gid",
+                    short: "gid",
+                    file: env.subgid.display().to_string(),
+                });
+            }
+            Ok(Plan::Subids(SubidPlan {
+                uid,
+                gid,
+                subuids,
+                subgids,
+                newuidmap,
+                newgidmap,
+            }))
+        }
+    }
+}
+
+fn find_in_path(tool: &str, env: &Environment) -> Option<PathBuf> {
+    let path = env.path.as_ref()?;
+    std::env::split_paths(path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Reads the ranges of `name` (or of the numeric `id`) from a subuid/subgid file. A missing file means
+/// no ranges, as shadow's tools treat it.
+fn read_ranges(file: &Path, name: Option<&str>, id: u32) -> Result<Vec<IdRange>, UsernsError> {
+    match fs::read_to_string(file) {
+        Ok(text) => Ok(parse_ranges(&text, name, id)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(UsernsError::ReadSubids {
+            file: file.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Parses `owner:start:count` lines; the owner is a name or a numeric id.
+pub fn parse_ranges(text: &str, name: Option<&str>, id: u32) -> Vec<IdRange> {
+    let id = id.to_string();
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.starts_with('#') {
+                return None;
+            }
+            let mut fields = line.split(':');
+            let owner = fields.next()?;
+            let start = fields.next()?.trim().parse().ok()?;
+            let count = fields.next()?.trim().parse().ok()?;
+            if fields.next().is_some() || count == 0 {
+                return None;
+            }
+            (Some(owner) == name || owner == id).then_some(IdRange { start, count })
+        })
+        .collect()
+}
+
+/// Turns a failed `unshare(CLONE_NEWUSER)` into the error that names its cause and fix.
+pub fn diagnose_unshare(err: nix::errno::Errno, proc_sys: &Path) -> UsernsError {
+    let read = |name: &str| -> Option<u64> {
+        fs::read_to_string(proc_sys.join(name)).ok()?.trim().parse().ok()
+    };
+    if read("kernel/unprivileged_userns_clone") == Some(0) {
+        return UsernsError::UnprivilegedClone;
+    }
+    if read("kernel/apparmor_restrict_unprivileged_userns") == Some(1) {
+        return UsernsError::AppArmor;
+    }
+    match (err, read("user/max_user_namespaces")) {
+        (_, Some(0)) => UsernsError::MaxUserNamespacesZero,
+        (nix::errno::Errno::ENOSPC, Some(max)) => UsernsError::MaxUserNamespacesReached(max),
+        _ => UsernsError::Unshare(err.into()),
+    }
+}
+
+/// Writes the single-id maps for the calling process, which has just entered a new user namespace.
+/// `proc_self` is normally /proc/self.
+pub fn write_single_maps(proc_self: &Path, uid: u32, gid: u32) -> Result<(), UsernsError> {
+    write_proc(&proc_self.join("setgroups"), "deny")?;
+    write_proc(&proc_self.join("uid_map"), &format!("0 {uid} 1\n"))?;
+    write_proc(&proc_self.join("gid_map"), &format!("0 {gid} 1\n"))?;
+    Ok(())
+}
+
+fn write_proc(path: &Path, content: &str) -> Result<(), UsernsError> {
+    // These files take one write(2) each; OpenOptions without create/truncate is what they accept.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .map_err(|source| UsernsError::WriteMap {
+            file: path.display().to_string(),
+            source,
+        })
+}
+
+/// A process forked before `unshare` that runs newuidmap and newgidmap on its parent when told to.
+pub struct MapHelper {
+    pid: Pid,
+    go: OwnedFd,
+    result: OwnedFd,
+}
+
+impl MapHelper {
+    /// Forks the helper. The caller must be single-threaded.
+    pub fn spawn(plan: &SubidPlan) -> Result<MapHelper, UsernsError> {
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| UsernsError::Helper(e.into()))?;
+        let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| UsernsError::Helper(e.into()))?;
+        let target = nix::unistd::getpid();
+        match sys::fork().map_err(UsernsError::Helper)? {
+            ForkResult::Parent { child } => Ok(MapHelper {
+                pid: child,
+                go: go_w,
+                result: res_r,
+            }),
+            ForkResult::Child => {
+                drop(go_w);
+                drop(res_r);
+                let code = helper_main(plan, target, go_r, res_w);
+                sys::exit_now(code)
+            }
+        }
+    }
+
+    /// Asks the helper to write the maps of the (now unshared) parent and waits for the outcome.
+    pub fn map(self) -> Result<(), UsernsError> {
+        let MapHelper { pid, go, result } = self;
+        let mut go = fs::File::from(go);
+        let sent = go.write_all(b"G");
+        drop(go);
+        let mut report = String::new();
+        let read = fs::File::from(result).read_to_string(&mut report);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        sent.map_err(UsernsError::Helper)?;
+        read.map_err(UsernsError::Helper)?;
+        match report.strip_prefix("ok") {
+            Some(_) => Ok(()),
+            None if report.is_empty() => Err(UsernsError::HelperFailed(
+                "the id-mapping helper exited without a report".to_owned(),
+            )),
+            None => Err(UsernsError::HelperFailed(report)),
+        }
+    }
+}
+
+fn helper_main(plan: &SubidPlan, target: Pid, go: OwnedFd, result: OwnedFd) -> i32 {
+    let mut byte = [0u8; 1];
+    let mut go = fs::File::from(go);
+    let mut result = fs::File::from(result);
+    // EOF instead of a byte means the parent gave up before unsharing: nothing to do.
+    if !matches!(go.read(&mut byte), Ok(1)) {
+        return 0;
+    }
+    let report = run_map_tool(&plan.newuidmap, target, &SubidPlan::triples(plan.uid, &plan.subuids))
+        .and_then(|()| {
+            run_map_tool(&plan.newgidmap, target, &SubidPlan::triples(plan.gid, &plan.subgids))
+        })
+        .map(|()| "ok".to_owned())
+        .unwrap_or_else(|e| e);
+    let _ = result.write_all(report.as_bytes());
+    0
+}
+
+fn run_map_tool(tool: &Path, target: Pid, triples: &[String]) -> Result<(), String> {
+    let out = Command::new(tool)
+        .arg(target.to_string())
+        .args(triples)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", tool.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(format!(
+        "{} {} {} failed ({}): {} (check /etc/subuid and /etc/subgid, and that {} is setuid root or has cap_setuid/cap_setgid; or use --userns single)",
+        tool.display(),
+        target,
+        triples.join(" "),
+        out.status,
+        stderr.trim(),
+        tool.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_by_name_or_id() {
+        let text = "# comment\nalice:100000:65536\nbob:165536:65536\n1001:300000:10\nbroken\nalice:1:0\n";
+        assert_eq!(parse_ranges(text, Some("alice"), 1000), vec![IdRange { start: 100000, count: 65536 }]);
+        assert_eq!(parse_ranges(text, Some("carol"), 1001), vec![IdRange { start: 300000, count: 10 }]);
+        assert!(parse_ranges(text, None, 5).is_empty());
+    }
+
+    #[test]
+    fn triples_put_the_caller_at_zero_and_ranges_from_one() {
+        let t = SubidPlan::triples(1000, &[IdRange { start: 100000, count: 65536 }, IdRange { start: 500000, count: 10 }]);
+        assert_eq!(t.join(" "), "0 1000 1 1 100000 65536 65537 500000 10");
+    }
+
+    fn env_in(dir: &Path) -> Environment {
+        Environment {
+            subuid: dir.join("subuid"),
+            subgid: dir.join("subgid"),
+            path: Some(dir.as_os_str().to_owned()),
+            proc_sys: dir.join("sys"),
+        }
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lowport-userns-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("sys/kernel")).unwrap();
+        fs::create_dir_all(dir.join("sys/user")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn auto_falls_back_to_single_and_subids_explains() {
+        let dir = tempdir("plan");
+        let env = env_in(&dir);
+        assert_eq!(plan(Mode::Auto, 4242, 4242, &env).unwrap(), Plan::Single { uid: 4242, gid: 4242 });
+        let err = plan(Mode::Subids, 4242, 4242, &env).unwrap_err().to_string();
+        assert!(err.contains("newuidmap was not found"), "{err}");
+
+        fs::write(dir.join("newuidmap"), "").unwrap();
+        fs::write(dir.join("newgidmap"), "").unwrap();
+        let err = plan(Mode::Subids, 4242, 4242, &env).unwrap_err().to_string();
+        assert!(err.contains("no subordinate uid range") && err.contains("usermod --add-subuids"), "{err}");
+
+        fs::write(dir.join("subuid"), "4242:100000:65536\n").unwrap();
+        fs::write(dir.join("subgid"), "4242:200000:65536\n").unwrap();
+        match plan(Mode::Auto, 4242, 4242, &env).unwrap() {
+            Plan::Subids(p) => {
+                assert_eq!(p.subuids, vec![IdRange { start: 100000, count: 65536 }]);
+                assert_eq!(p.subgids, vec![IdRange { start: 200000, count: 65536 }]);
+            }
+            other => panic!("expected subids, got {other:?}"),
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unshare_failures_name_the_switch() {
+        let dir = tempdir("diag");
+        let sys = dir.join("sys");
+        let eperm = nix::errno::Errno::EPERM;
+        assert!(matches!(diagnose_unshare(eperm, &sys), UsernsError::Unshare(_)));
+        fs::write(sys.join("user/max_user_namespaces"), "0\n").unwrap();
+        assert!(diagnose_unshare(nix::errno::Errno::ENOSPC, &sys).to_string().contains("user.max_user_namespaces is 0"));
+        fs::write(sys.join("user/max_user_namespaces"), "10\n").unwrap();
+        assert!(matches!(diagnose_unshare(nix::errno::Errno::ENOSPC, &sys), UsernsError::MaxUserNamespacesReached(10)));
+        fs::write(sys.join("kernel/apparmor_restrict_unprivileged_userns"), "1\n").unwrap();
+        assert!(diagnose_unshare(eperm, &sys).to_string().contains("apparmor_restrict_unprivileged_userns=0"));
+        fs::write(sys.join("kernel/unprivileged_userns_clone"), "0\n").unwrap();
+        assert!(diagnose_unshare(eperm, &sys).to_string().contains("unprivileged_userns_clone=1"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn single_maps_are_written_in_order() {
+        let dir = tempdir("maps");
+        for f in ["setgroups", "uid_map", "gid_map"] {
+            fs::write(dir.join(f), "").unwrap();
+        }
+        write_single_maps(&dir, 1000, 100).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("setgroups")).unwrap(), "deny");
+        assert_eq!(fs::read_to_string(dir.join("uid_map")).unwrap(), "0 1000 1\n");
+        assert_eq!(fs::read_to_string(dir.join("gid_map")).unwrap(), "0 100 1\n");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
