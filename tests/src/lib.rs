@@ -1,1 +1,385 @@
+//! Support for lowport's integration tests: they drive the real `lowport` and `demo-server` binaries
+//! as an unprivileged user, which is the product's real situation.
+//!
+//! When the tests run as root (CI does), every launch goes through `setpriv` to uid/gid 65534 with no
+//! supplementary groups, from copies of the binaries in a directory that uid can read. Anything a test
+//! needs and the machine lacks is reported on stderr; under `CI=true` that fails the test, elsewhere the
+//! test returns early with the reason printed, never silently green.
 
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The uid and gid the tests run lowport as when they are root.
+pub const NOBODY: u32 = 65534;
+
+/// The test user with subordinate id ranges, created by `make test` (tests/setup-test-user.sh) as root.
+pub const SUBID_USER: &str = "lowport-test";
+
+/// Generous bound for anything that should take milliseconds; only reached when something is broken.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Reports a missing prerequisite: fails under CI, otherwise prints why the test does not run and
+/// returns false so the test can return.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test needs {what}, and CI must provide it");
+    }
+    eprintln!("SKIPPED: this test needs {what}");
+    false
+}
+
+fn target_dir() -> PathBuf {
+    // tests run from target/<profile>/deps/<test>-<hash>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// The directory with copies of the binaries that uid 65534 can read and execute.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = target_dir();
+        let dir = std::env::temp_dir().join(format!("lowport-test-bin-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("create the binary directory");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["lowport", "demo-server"] {
+            let from = src.join(name);
+            assert!(
+                from.is_file(),
+                "{} is missing: build the workspace first (cargo build --workspace; make test does)",
+                from.display()
+            );
+            let to = dir.join(name);
+            fs::copy(&from, &to).expect("copy a binary");
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    })
+}
+
+pub fn lowport_bin() -> PathBuf {
+    bin_dir().join("lowport")
+}
+
+pub fn demo_server_bin() -> PathBuf {
+    bin_dir().join("demo-server")
+}
+
+/// A command that runs `program` as an unprivileged user: as uid/gid `uid` through setpriv when the
+/// tests are root, as the current user otherwise.
+pub fn unprivileged_as(uid: u32, gid: u32, program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(program);
+        cmd.current_dir("/");
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// `lowport` as uid 65534 (or the current unprivileged user).
+pub fn lowport() -> Command {
+    unprivileged_as(NOBODY, NOBODY, &lowport_bin())
+}
+
+/// The uid lowport runs as in these tests.
+pub fn caller_uid() -> u32 {
+    if is_root() {
+        NOBODY
+    } else {
+        nix::unistd::getuid().as_raw()
+    }
+}
+
+/// One published mapping from the `--ready-fd` report.
+#[derive(Clone, Debug)]
+pub struct ReadyPort {
+    pub protocol: String,
+    pub host_ip: String,
+    pub host_port: u16,
+    pub port: u16,
+}
+
+/// A running `lowport run`, killed when dropped.
+pub struct Launch {
+    pub child: Child,
+    pub pid: u32,
+    pub ports: Vec<ReadyPort>,
+    pub ready_line: String,
+}
+
+impl Launch {
+    /// Starts `cmd` (a lowport command line ending in `run ...`) with `--ready-fd 3` appended before
+    /// the command, and waits for the readiness line.
+    pub fn start(mut cmd: Command) -> Launch {
+        Self::try_start(&mut cmd).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start(cmd: &mut Command) -> Result<Launch, String> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let write_fd = write.as_raw_fd();
+        // SAFETY: between fork and exec only dup2, which is async-signal-safe, runs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if write_fd == 3 {
+                    nix::fcntl::fcntl(3, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                } else {
+                    nix::unistd::dup2(write_fd, 3)?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(|e| format!("spawn lowport: {e}"))?;
+        drop(write);
+        let line = read_line_within(read, PATIENCE);
+        match line {
+            Some(line) if !line.trim().is_empty() => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| format!("bad ready line {line:?}: {e}"))?;
+                let pid = v["pid"].as_u64().ok_or("no pid in the ready line")? as u32;
+                let ports = v["ports"]
+                    .as_array()
+                    .ok_or("no ports in the ready line")?
+                    .iter()
+                    .map(|p| ReadyPort {
+                        protocol: p["protocol"].as_str().unwrap_or_default().to_owned(),
+                        host_ip: p["host_ip"].as_str().unwrap_or_default().to_owned(),
+                        host_port: p["host_port"].as_u64().unwrap_or_default() as u16,
+                        port: p["port"].as_u64().unwrap_or_default() as u16,
+                    })
+                    .collect();
+                Ok(Launch { child, pid, ports, ready_line: line })
+            }
+            _ => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let mut err = String::new();
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                Err(format!("lowport did not report readiness (status {status:?}); stderr: {err}"))
+            }
+        }
+    }
+
+    /// The host port of the first mapping on `family` ("4" or "6").
+    pub fn host_port(&self) -> u16 {
+        self.ports.first().expect("a published port").host_port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.host_port()))
+    }
+
+    /// Sends `sig` to lowport itself.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).expect("kill lowport");
+    }
+
+    /// Waits for lowport to exit, up to [`PATIENCE`].
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_with_deadline(&mut self.child, PATIENCE).expect("lowport did not exit in time")
+    }
+
+    /// The rest of lowport's stderr (after it exited).
+    pub fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_line_within(fd: OwnedFd, limit: Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(fs::File::from(fd)).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `f` until it returns `Some`, up to [`PATIENCE`].
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP/1.1 exchange with `Connection: close`; returns the status code and the body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)?;
+    parse_response(&response)
+}
+
+pub fn parse_response(response: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let bad = || std::io::Error::other(format!("bad HTTP response: {:?}", String::from_utf8_lossy(&response[..response.len().min(200)])));
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let head = std::str::from_utf8(&response[..split]).map_err(|_| bad())?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let body = &response[split + 4..];
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    Ok((status, if chunked { dechunk(body).ok_or_else(bad)? } else { body.to_vec() }))
+}
+
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(body.get(..size)?);
+        body = body.get(size + 2..)?;
+    }
+}
+
+/// GET `path` once the server inside answers `/healthz`; the relay is up at readiness, the server may
+/// still be starting.
+pub fn wait_healthy(addr: SocketAddr) {
+    eventually("demo-server to answer /healthz", || match http(addr, "GET", "/healthz", b"") {
+        Ok((200, _)) => Some(()),
+        _ => None,
+    });
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http(addr, "GET", path, b"").expect("GET");
+    assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).expect("JSON body")
+}
+
+/// Every descendant of `pid` (host pids), read from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses; fields resume after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+            parents.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let cur = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+pub fn process_exists(pid: u32) -> bool {
+    // A zombie still has a /proc entry; it counts as gone.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A status line of /proc/PID/status, such as "CapEff".
+pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+}
+
+/// The uid and gid of `user` from the passwd database, if it exists.
+pub fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let u = nix::unistd::User::from_name(user).ok().flatten()?;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// Runs lowport to completion with `args`; returns the exit code and stderr.
+pub fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
+    let status = wait_with_deadline(&mut child, PATIENCE).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("lowport hung");
+    });
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (exit_code(status), out, err)
+}
+
+/// The exit code, or 128 + N for a signal as a shell reports it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// The content of /proc/sys for a sysctl, as a number.
+pub fn sysctl(path: &str) -> Option<u64> {
+    fs::read_to_string(Path::new("/proc/sys").join(path)).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,190 @@
+//! `lowport run` end to end: what the server sees inside, what lowport is on the host, and the relay.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+
+use lowport_tests::*;
+
+fn demo(extra: &[&str]) -> Launch {
+    let mut cmd = lowport();
+    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3"]).args(extra).arg("--").arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    launch
+}
+
+#[test]
+fn whoami_inside_is_root_mapped_to_the_caller() {
+    let launch = demo(&[]);
+    let who = get_json(launch.addr(), "/whoami");
+    assert_eq!(who["uid"], 0, "{who}");
+    assert_eq!(who["gid"], 0, "{who}");
+    let uid_map: Vec<u64> = who["uid_map"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(uid_map, vec![0, u64::from(caller_uid()), 1], "uid_map: {who}");
+    assert_eq!(who["ip_unprivileged_port_start"], 0, "{who}");
+    assert!(
+        who["effective_caps"].as_array().unwrap().iter().any(|c| c == "cap_net_bind_service"),
+        "root inside holds the namespace's capabilities: {who}"
+    );
+    assert_eq!(who["local_addr"], "127.0.0.1:80", "{who}");
+}
+
+#[test]
+fn lowport_on_the_host_is_the_caller_without_capabilities() {
+    let launch = demo(&[]);
+    let pid = launch.child.id();
+    // When root runs the tests, the process is setpriv, which execs lowport under the same pid.
+    let uid = caller_uid().to_string();
+    let uids = proc_status_field(pid, "Uid").unwrap();
+    assert_eq!(uids.split_whitespace().collect::<Vec<_>>(), vec![uid.as_str(); 4], "real, effective, saved, fs uid");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(proc_status_field(pid, set).unwrap(), "0000000000000000", "{set} of lowport");
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, lowport_bin(), "the process checked is lowport itself");
+}
+
+#[test]
+fn port_start_option_is_applied_inside() {
+    let launch = demo(&["--port-start", "443"]);
+    let who = get_json(launch.addr(), "/whoami");
+    assert_eq!(who["ip_unprivileged_port_start"], 443, "{who}");
+}
+
+#[test]
+fn ready_report_lists_pid_and_every_bound_socket() {
+    let mut cmd = lowport();
+    cmd.args(["run", "-p", "0:80", "-p", "127.0.0.1:0:443", "--ready-fd", "3", "--"]).arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    let ips: Vec<&str> = launch.ports.iter().map(|p| p.host_ip.as_str()).collect();
+    assert!(ips.contains(&"0.0.0.0") && ips.contains(&"127.0.0.1"), "{}", launch.ready_line);
+    assert!(launch.ports.iter().all(|p| p.host_port != 0 && p.protocol == "tcp"), "{}", launch.ready_line);
+    let both: Vec<_> = launch.ports.iter().filter(|p| p.port == 80).collect();
+    assert!(both.iter().all(|p| p.host_port == both[0].host_port), "v4 and v6 share the port: {}", launch.ready_line);
+    // The pid is the command's, as the host sees it.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", launch.pid)).unwrap();
+    assert_eq!(exe, demo_server_bin(), "{}", launch.ready_line);
+}
+
+/// 64 MiB of pseudo-random bytes, so a dropped, duplicated or reordered chunk changes the result.
+fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `body` to /echo, optionally shutting down the sending side afterwards, and returns the reply.
+fn echo(launch: &Launch, body: &[u8], half_close: bool) -> Vec<u8> {
+    let mut s = TcpStream::connect(launch.addr()).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let body_owned = body.to_vec();
+    let sender = std::thread::spawn(move || {
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body_owned.len()
+        );
+        writer.write_all(head.as_bytes()).unwrap();
+        writer.write_all(&body_owned).unwrap();
+        if half_close {
+            writer.shutdown(Shutdown::Write).unwrap();
+        }
+    });
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    sender.join().unwrap();
+    let (status, reply) = parse_response(&response).unwrap();
+    assert_eq!(status, 200);
+    reply
+}
+
+#[test]
+fn a_64_mib_upload_is_echoed_back_intact() {
+    let launch = demo(&[]);
+    let body = payload(64 << 20);
+    let reply = echo(&launch, &body, false);
+    assert_eq!(reply.len(), body.len());
+    assert!(reply == body, "the echoed bytes differ from those sent");
+}
+
+#[test]
+fn half_closed_client_still_gets_the_whole_answer() {
+    let launch = demo(&[]);
+    let body = payload(4 << 20);
+    let reply = echo(&launch, &body, true);
+    assert!(reply == body, "after the client's FIN the reply was cut or changed ({} bytes)", reply.len());
+}
+
+#[test]
+fn two_hundred_concurrent_requests_all_succeed() {
+    let launch = demo(&[]);
+    let addr = launch.addr();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                barrier.wait();
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                write!(s, "GET /whoami?{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+                let mut response = Vec::new();
+                s.read_to_end(&mut response).unwrap();
+                parse_response(&response).unwrap()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in threads {
+        let (status, body) = t.join().unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let who: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(who["uid"], 0);
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+}
+
+#[test]
+fn ipv6_clients_reach_an_ipv4_only_server() {
+    if !require(std::net::TcpListener::bind("[::1]:0").is_ok(), "IPv6 on loopback") {
+        return;
+    }
+    let mut cmd = lowport();
+    cmd.args(["run", "-p", "0:80", "--ready-fd", "3", "--"]).arg(demo_server_bin()).args(["--bind", "0.0.0.0"]);
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, launch.host_port()));
+    let who = get_json(v6, "/whoami");
+    assert_eq!(who["local_addr"], "127.0.0.1:80", "{who}");
+}
+
+#[test]
+fn stdio_passes_through() {
+    // run_to_end gives the command an empty stdin: read finds end-of-file at once.
+    let (code, out, err) = run_to_end(lowport().args(["run", "--", "sh", "-c", "read line; echo \"got $line\"; echo oops >&2"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "got \n");
+    assert!(err.contains("oops"), "{err}");
+
+    let mut child = lowport()
+        .args(["run", "--", "sh", "-c", "read line; echo \"got $line\""])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got hello\n");
+}
