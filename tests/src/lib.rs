@@ -84,7 +84,8 @@ pub fn demo_server_bin() -> PathBuf {
 /// tests are root, as the current user otherwise.
 pub fn unprivileged_as(uid: u32, gid: u32, program: &Path) -> Command {
     if is_root() {
-        let mut cmd = Command::new("setpriv");
+        // By full path: a test may give the command a PATH without it.
+        let mut cmd = Command::new(if Path::new("/usr/bin/setpriv").exists() { "/usr/bin/setpriv" } else { "setpriv" });
         cmd.arg(format!("--reuid={uid}"))
             .arg(format!("--regid={gid}"))
             .arg("--clear-groups")

@@ -1,0 +1,145 @@
+//! Exit statuses, signal forwarding, and cleanup when lowport dies, even by SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use lowport_tests::*;
+
+#[test]
+fn exit_status_is_the_commands() {
+    for (script, want) in [("exit 0", 0), ("exit 7", 7), ("exit 255", 255)] {
+        let (code, _, err) = run_to_end(lowport().args(["run", "--", "sh", "-c", script]));
+        assert_eq!(code, want, "{script}: {err}");
+    }
+}
+
+#[test]
+fn a_command_killed_by_a_signal_gives_128_plus_n() {
+    for (sig, want) in [("KILL", 137), ("TERM", 143), ("SEGV", 139)] {
+        let (code, _, err) = run_to_end(lowport().args(["run", "--", "sh", "-c", &format!("kill -{sig} $$")]));
+        assert_eq!(code, want, "kill -{sig}: {err}");
+    }
+}
+
+/// A command that reports each signal it receives on stdout, one name per line.
+const TRAPPER: &str = r#"
+for s in INT TERM HUP QUIT USR1 USR2 WINCH; do trap "echo $s" $s; done
+echo ready
+while :; do sleep 0.05; done
+"#;
+
+#[test]
+fn every_forwarded_signal_reaches_the_command() {
+    let mut child = lowport()
+        .args(["run", "--", "sh", "-c", TRAPPER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lowport_pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    for (sig, name) in [
+        (Signal::SIGINT, "INT"),
+        (Signal::SIGTERM, "TERM"),
+        (Signal::SIGHUP, "HUP"),
+        (Signal::SIGQUIT, "QUIT"),
+        (Signal::SIGUSR1, "USR1"),
+        (Signal::SIGUSR2, "USR2"),
+        (Signal::SIGWINCH, "WINCH"),
+    ] {
+        nix::sys::signal::kill(lowport_pid, sig).unwrap();
+        let line = lines.next().expect("the command's output ended").unwrap();
+        assert_eq!(line, name, "after sending {sig}");
+    }
+    assert!(child.try_wait().unwrap().is_none(), "lowport must keep running: the command handled every signal");
+    nix::sys::signal::kill(lowport_pid, Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn sigterm_to_lowport_ends_a_default_command_with_143() {
+    let mut launch = Launch::start({
+        let mut cmd = lowport();
+        cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--", "sleep", "1000"]);
+        cmd
+    });
+    let sleeper = launch.pid;
+    assert!(process_exists(sleeper));
+    launch.signal(Signal::SIGTERM);
+    assert_eq!(exit_code(launch.wait()), 143);
+    eventually("sleep to be gone", || (!process_exists(sleeper)).then_some(()));
+}
+
+#[test]
+fn sigkill_of_lowport_leaves_no_process_and_frees_the_port() {
+    // demo-server with a second process beside it, like nginx's master and workers.
+    let mut launch = Launch::start({
+        let mut cmd = lowport();
+        cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--", "sh", "-c"])
+            .arg(format!("sleep 1000 & {} & wait", demo_server_bin().display()));
+        cmd
+    });
+    wait_healthy(launch.addr());
+    let port = launch.host_port();
+    let tree = descendants(launch.child.id());
+    assert!(tree.len() >= 4, "helper, sh, sleep and demo-server expected, found {tree:?}");
+    launch.signal(Signal::SIGKILL);
+    assert_eq!(exit_code(launch.wait()), 137);
+    eventually("every process of the launch to be gone", || {
+        let left: Vec<_> = tree.iter().filter(|p| process_exists(**p)).collect();
+        left.is_empty().then_some(())
+    });
+    eventually("the host port to be free", || std::net::TcpListener::bind(("127.0.0.1", port)).ok());
+}
+
+#[test]
+fn the_command_sees_uid_0_in_an_interactive_shell() {
+    if !require(std::path::Path::new("/bin/bash").exists(), "bash") {
+        return;
+    }
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = lowport();
+    cmd.args(["run", "--", "bash", "--norc", "-i"])
+        .env("PS1", "prompt$ ")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and the TIOCSCTTY ioctl are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let mut master = std::fs::File::from(pty.master);
+    use std::io::{Read, Write};
+    master.write_all(b"echo uid=$(id -u) tty=$(tty >/dev/null && echo yes)\nexit 3\n").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once no process holds the terminal; parallel tests may hold a copy, so the
+        // test does not wait for that.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let status = wait_with_deadline(&mut child, PATIENCE).expect("the shell did not exit");
+    let mut out = Vec::new();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
+        out.extend(chunk);
+    }
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("uid=0 tty=yes"), "shell output: {out:?}");
+    assert_eq!(exit_code(status), 3, "shell output: {out:?}");
+}

@@ -1,0 +1,63 @@
+//! `--userns subids`: the caller's subordinate ranges are mapped from 1 upward, so a server may switch
+//! to another uid inside, as nginx's master does for its workers. Runs as the test user that
+//! `make test` creates with ranges (tests/setup-test-user.sh).
+
+use lowport_tests::*;
+
+fn subid_user() -> Option<(u32, u32)> {
+    let ids = user_ids(SUBID_USER);
+    require(ids.is_some() && is_root(), &format!("root, to run as the test user {SUBID_USER} (make test creates it)"))
+        .then_some(ids?)
+}
+
+fn subid_start(file: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{SUBID_USER}:"))).expect("a range for the test user");
+    line.split(':').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn subids_maps_the_ranges_and_a_server_can_switch_uid() {
+    let Some((uid, gid)) = subid_user() else { return };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    // The server drops to uid/gid 33 inside, and still binds port 80 thanks to the port start of 0.
+    cmd.args(["run", "--userns", "subids", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--"])
+        .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
+        .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    let who = get_json(launch.addr(), "/whoami");
+    assert_eq!(who["uid"], 33, "{who}");
+    assert_eq!(who["gid"], 33, "{who}");
+    assert!(who["effective_caps"].as_array().unwrap().is_empty(), "uid 33 holds no capability: {who}");
+    let rows = |map: &str| -> Vec<Vec<u64>> {
+        who[map].as_str().unwrap().lines().map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect()).collect()
+    };
+    let uid_map = rows("uid_map");
+    assert_eq!(uid_map[0], vec![0, u64::from(uid), 1], "{who}");
+    assert_eq!(uid_map[1][0..2], [1, subid_start("/etc/subuid")], "{who}");
+    let gid_map = rows("gid_map");
+    assert_eq!(gid_map[0], vec![0, u64::from(gid), 1], "{who}");
+    assert_eq!(gid_map[1][0..2], [1, subid_start("/etc/subgid")], "{who}");
+}
+
+#[test]
+fn auto_picks_subids_when_the_user_has_ranges() {
+    let Some((uid, gid)) = subid_user() else { return };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args(["run", "--", "cat", "/proc/self/uid_map"]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn single_maps_one_id_even_with_ranges() {
+    let Some((uid, gid)) = subid_user() else { return };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args(["run", "--userns", "single", "--", "cat", "/proc/self/uid_map"]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    let row: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
+    assert_eq!(row, vec!["0".to_owned(), uid.to_string(), "1".to_owned()]);
+}
