@@ -25,7 +25,10 @@ pub fn drop_bounding() -> Result<(), CapsError> {
     if permitted.contains(&caps::Capability::CAP_SETPCAP) {
         caps::raise(None, CapSet::Effective, caps::Capability::CAP_SETPCAP)
             .and_then(|()| caps::clear(None, CapSet::Bounding))
-            .map_err(|source| CapsError::Drop { set: "bounding", source })?;
+            .map_err(|source| CapsError::Drop {
+                set: "bounding",
+                source,
+            })?;
     }
     Ok(())
 }

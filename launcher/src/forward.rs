@@ -84,7 +84,12 @@ async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaph
             }
             Err(err) if is_resource_shortage(&err) => {
                 // Out of descriptors or memory: wait for connections to end instead of spinning.
-                warn!(?err, ?local, delay_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                warn!(
+                    ?err,
+                    ?local,
+                    delay_ms = backoff.as_millis() as u64,
+                    "accept failed; backing off"
+                );
                 drop(permit);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -183,7 +188,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         total += filled as u64;
     }
     // The peer sent FIN: pass it on, and keep the other direction open (half-close).
-    match nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), nix::sys::socket::Shutdown::Write) {
+    match nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(dst),
+        nix::sys::socket::Shutdown::Write,
+    ) {
         Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(total),
         Err(e) => Err(e.into()),
     }

@@ -9,7 +9,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+};
 
 use crate::publish::PublishSpec;
 
@@ -62,7 +64,11 @@ pub fn bind_all(specs: &[PublishSpec], proc_sys: &Path) -> Result<Vec<HostSocket
 fn bind_spec(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
     // With both families and port 0, the IPv6 socket must get the port the IPv4 one got; another
     // program may hold that port on IPv6 only, so try a few times before giving up.
-    let attempts = if spec.host_ip.is_none() && spec.host_port == 0 { 8 } else { 1 };
+    let attempts = if spec.host_ip.is_none() && spec.host_port == 0 {
+        8
+    } else {
+        1
+    };
     let mut last = None;
     for _ in 0..attempts {
         match bind_spec_once(spec, proc_sys) {
@@ -104,7 +110,10 @@ fn bind_spec_once(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>
 }
 
 fn is_family_unavailable(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &Path) -> BindError {
@@ -128,21 +137,36 @@ fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &P
                 spec,
             }
         }
-        Some(libc::EADDRNOTAVAIL) => BindError::NotLocal { spec, ip: addr.ip() },
+        Some(libc::EADDRNOTAVAIL) => BindError::NotLocal {
+            spec,
+            ip: addr.ip(),
+        },
         _ => BindError::Other { spec, addr, source },
     }
 }
 
 /// A listening TCP socket; IPv6 sockets are IPv6-only so that 0.0.0.0 and [::] can share a port.
 fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
     // Lets a new launch rebind at once while connections of a previous one sit in TIME_WAIT.
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
     socket::listen(&fd, Backlog::MAXCONN)?;
     Ok(std::net::TcpListener::from(fd))
 }

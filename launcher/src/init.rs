@@ -50,7 +50,9 @@ pub enum InitError {
     Spawn(#[source] io::Error),
     #[error("{program}: command not found (check the name and PATH, or give a full path)")]
     NotFound { program: String },
-    #[error("cannot run {program}: {source} (is it an executable file, and may the caller run it?)")]
+    #[error(
+        "cannot run {program}: {source} (is it an executable file, and may the caller run it?)"
+    )]
     NotExecutable {
         program: String,
         #[source]
@@ -101,14 +103,16 @@ pub fn precheck(program: &OsStr) -> Result<(), InitError> {
             Ok(m) if m.is_dir() => Err(libc::EISDIR),
             Ok(_) => {
                 let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::ENOENT)?;
-                nix::unistd::access(c.as_c_str(), nix::unistd::AccessFlags::X_OK).map_err(|e| e as i32)
+                nix::unistd::access(c.as_c_str(), nix::unistd::AccessFlags::X_OK)
+                    .map_err(|e| e as i32)
             }
         }
     };
     let result = if bytes.contains(&b'/') {
         check(std::path::Path::new(program))
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
         let mut first_error = libc::ENOENT;
         let mut found = false;
         for dir in std::env::split_paths(&path) {
@@ -152,14 +156,23 @@ pub fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let program = command.argv[0].clone();
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    let (status_r, status_w) = nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
-    let (lifeline_r, lifeline_w) = nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
+    let (lifeline_r, lifeline_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
 
     match sys::clone_into_new_pid_namespace().map_err(InitError::Spawn)? {
         CloneResult::Child => {
             drop(status_r);
             drop(lifeline_w);
-            let code = helper_main(&argv, command, forward, close_in_helper, lifeline_r, status_w);
+            let code = helper_main(
+                &argv,
+                command,
+                forward,
+                close_in_helper,
+                lifeline_r,
+                status_w,
+            );
             sys::exit_now(code)
         }
         CloneResult::Parent(init) => {
@@ -178,7 +191,11 @@ pub fn start(
     }
 }
 
-fn parse_report(report: &[u8], program: &OsStr, mut started: Started) -> Result<Started, InitError> {
+fn parse_report(
+    report: &[u8],
+    program: &OsStr,
+    mut started: Started,
+) -> Result<Started, InitError> {
     let mut rest = report;
     while let [tag, a, b, c, d, tail @ ..] = rest {
         let value = i32::from_ne_bytes([*a, *b, *c, *d]);
@@ -220,7 +237,10 @@ fn helper_main(
         return 125;
     }
     // The launcher may have died between clone and prctl; its end of the lifeline is then closed.
-    let mut fds = [nix::poll::PollFd::new(lifeline.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let mut fds = [nix::poll::PollFd::new(
+        lifeline.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
     if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
         return 125;
     }
@@ -238,7 +258,11 @@ fn helper_main(
         Ok(ForkResult::Child) => exec_command(argv, command, &status),
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
-            send(&status, MSG_FORK_FAILED, e.raw_os_error().unwrap_or(libc::EAGAIN));
+            send(
+                &status,
+                MSG_FORK_FAILED,
+                e.raw_os_error().unwrap_or(libc::EAGAIN),
+            );
             return 125;
         }
     };
@@ -266,7 +290,9 @@ fn reap(command: Pid) -> Option<i32> {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) if pid == command => return Some(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => return Some(128 + sig as i32),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                return Some(128 + sig as i32)
+            }
             Ok(WaitStatus::StillAlive) | Err(_) => return None,
             Ok(_) => {}
         }
@@ -286,14 +312,22 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
 
     if !command.activation.is_empty() {
         if let Err(e) = pass_listen_fds(&command.activation) {
-            send(status, MSG_EXEC_FAILED, e.raw_os_error().unwrap_or(libc::EBADF));
+            send(
+                status,
+                MSG_EXEC_FAILED,
+                e.raw_os_error().unwrap_or(libc::EBADF),
+            );
             sys::exit_now(125);
         }
     }
 
     let err = nix::unistd::execvp(&argv[0], argv).unwrap_err();
     send(status, MSG_EXEC_FAILED, err as i32);
-    sys::exit_now(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
+    sys::exit_now(if err == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    })
 }
 
 /// systemd's protocol (sd_listen_fds(3)): descriptors from 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES.

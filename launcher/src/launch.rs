@@ -100,10 +100,11 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let proc_sys = PathBuf::from("/proc/sys");
 
     // 1. Validate.
-    let program = config
-        .command
-        .first()
-        .ok_or_else(|| LaunchError::Usage("no command given; usage: lowport run [OPTIONS] -- COMMAND [ARGS]...".into()))?;
+    let program = config.command.first().ok_or_else(|| {
+        LaunchError::Usage(
+            "no command given; usage: lowport run [OPTIONS] -- COMMAND [ARGS]...".into(),
+        )
+    })?;
     if let Some(fd) = config.ready_fd {
         if fd <= 2 || !sys::fd_is_open(fd) {
             return Err(LaunchError::Usage(format!(
@@ -130,7 +131,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // A binary with a file capability starts non-dumpable, which makes /proc/self/uid_map unwritable
     // for its own user; with the capabilities gone there is nothing left to protect.
     if !nix::sys::prctl::get_dumpable().unwrap_or(true) {
-        nix::sys::prctl::set_dumpable(true).map_err(|e| LaunchError::io("make the process dumpable")(e.into()))?;
+        nix::sys::prctl::set_dumpable(true)
+            .map_err(|e| LaunchError::io("make the process dumpable")(e.into()))?;
     }
 
     // 3. Signals stay pending until the runtime reads them from a signalfd.
@@ -138,7 +140,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     for sig in FORWARDED_SIGNALS {
         forwarded.add(sig);
     }
-    forwarded.thread_block().map_err(|e| LaunchError::io("block signals")(e.into()))?;
+    forwarded
+        .thread_block()
+        .map_err(|e| LaunchError::io("block signals")(e.into()))?;
     let helper = match &plan {
         Plan::Subids(p) => Some(MapHelper::spawn(p)?),
         Plan::Single { .. } => None,
@@ -150,7 +154,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         return Err(userns::diagnose_unshare(errno, &proc_sys).into());
     }
     match (&plan, helper) {
-        (Plan::Single { uid, gid }, _) => userns::write_single_maps("/proc/self".as_ref(), *uid, *gid)?,
+        (Plan::Single { uid, gid }, _) => {
+            userns::write_single_maps("/proc/self".as_ref(), *uid, *gid)?
+        }
         (Plan::Subids(_), Some(helper)) => helper.map()?,
         (Plan::Subids(_), None) => unreachable!("the helper is forked for every subids plan"),
     }
@@ -196,8 +202,15 @@ async fn supervise(
         bound.push((socket.spec.clone(), socket.addr));
         let listener = tokio::net::TcpListener::from_std(socket.listener)
             .map_err(LaunchError::io("register a host socket"))?;
-        let target = Target { port: socket.spec.port };
-        tokio::spawn(forward::serve(listener, target, limit.clone(), std::future::pending()));
+        let target = Target {
+            port: socket.spec.port,
+        };
+        tokio::spawn(forward::serve(
+            listener,
+            target,
+            limit.clone(),
+            std::future::pending(),
+        ));
     }
 
     let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -252,7 +265,8 @@ async fn forward_signals(signals: AsyncFd<SignalFd>, init: nix::unistd::Pid, chi
         };
         let from_terminal = info.ssi_code == libc::SI_KERNEL;
         let same_group = child != 0
-            && nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(child as i32))).ok() == Some(own_group);
+            && nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(child as i32))).ok()
+                == Some(own_group);
         if from_terminal && same_group {
             debug!(?sig, "terminal signal already reached the command");
             continue;

@@ -36,7 +36,11 @@ struct RunArgs {
     /// Publish a host port: listen on HOST_IP:HOST_PORT on the host (every IPv4 and IPv6 address when
     /// HOST_IP is left out) and relay each connection to PORT inside. HOST_PORT 0 picks a free port.
     /// IPv6 addresses go in brackets: [::1]:8080:80. Repeatable.
-    #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp]")]
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp]"
+    )]
     publish: Vec<PublishSpec>,
 
     /// How ids are mapped: `single` maps you to 0 and nothing else; `subids` also maps your ranges from
@@ -88,7 +92,9 @@ fn main() -> ExitCode {
 
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let wanted = level.map(str::to_owned).or_else(|| std::env::var("LOWPORT_LOG").ok());
+    let wanted = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("LOWPORT_LOG").ok());
     let filter = wanted
         .and_then(|w| EnvFilter::try_new(w).ok())
         .unwrap_or_else(|| EnvFilter::new("warn"));

@@ -14,7 +14,9 @@ use crate::sys;
 pub enum NetnsError {
     #[error("cannot bring up the loopback interface in the new network namespace: {0}")]
     LoopbackUp(#[source] io::Error),
-    #[error("cannot set net.ipv4.ip_unprivileged_port_start to {value} inside ({path}): {source}{hint}")]
+    #[error(
+        "cannot set net.ipv4.ip_unprivileged_port_start to {value} inside ({path}): {source}{hint}"
+    )]
     PortStart {
         value: u16,
         path: String,
@@ -39,8 +41,12 @@ pub fn set_unprivileged_port_start(proc_sys: &Path, value: u16) -> Result<(), Ne
     result.map_err(|source| {
         // The kernel rejects a start above the first ephemeral port with EINVAL.
         let hint = if source.raw_os_error() == Some(libc::EINVAL) {
-            let range = fs::read_to_string(proc_sys.join("net/ipv4/ip_local_port_range")).unwrap_or_default();
-            let first = range.split_whitespace().next().unwrap_or("the first port of ip_local_port_range");
+            let range = fs::read_to_string(proc_sys.join("net/ipv4/ip_local_port_range"))
+                .unwrap_or_default();
+            let first = range
+                .split_whitespace()
+                .next()
+                .unwrap_or("the first port of ip_local_port_range");
             format!(" (the value may not be above {first}; choose a lower --port-start)")
         } else {
             String::new()
@@ -64,11 +70,19 @@ mod tests {
         fs::create_dir_all(dir.join("net/ipv4")).unwrap();
         fs::write(dir.join("net/ipv4/ip_unprivileged_port_start"), "1024\n").unwrap();
         // A write(2) to a regular file does not replace its content the way a sysctl file does.
-        let _ = fs::OpenOptions::new().write(true).truncate(true).open(dir.join("net/ipv4/ip_unprivileged_port_start"));
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(dir.join("net/ipv4/ip_unprivileged_port_start"));
         set_unprivileged_port_start(&dir, 0).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("net/ipv4/ip_unprivileged_port_start")).unwrap(), "0\n");
+        assert_eq!(
+            fs::read_to_string(dir.join("net/ipv4/ip_unprivileged_port_start")).unwrap(),
+            "0\n"
+        );
         fs::remove_dir_all(&dir).unwrap();
-        let err = set_unprivileged_port_start(&dir, 0).unwrap_err().to_string();
+        let err = set_unprivileged_port_start(&dir, 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ip_unprivileged_port_start to 0"), "{err}");
     }
 }

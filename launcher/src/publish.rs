@@ -98,22 +98,30 @@ pub fn parse(spec: &str) -> Result<PublishSpec, PublishError> {
 
     // An IPv6 host address comes in brackets, the only place where a colon may not separate fields.
     let (host_ip, ports) = if let Some(rest) = addr_ports.strip_prefix('[') {
-        let (ip, after) = rest.split_once(']').ok_or_else(|| PublishError::BadAddress {
-            spec: spec.to_owned(),
-            token: addr_ports.to_owned(),
-        })?;
+        let (ip, after) = rest
+            .split_once(']')
+            .ok_or_else(|| PublishError::BadAddress {
+                spec: spec.to_owned(),
+                token: addr_ports.to_owned(),
+            })?;
         let ip = Ipv6Addr::from_str(ip).map_err(|_| PublishError::BadAddress {
             spec: spec.to_owned(),
             token: format!("[{ip}]"),
         })?;
-        let ports = after.strip_prefix(':').ok_or_else(|| PublishError::MissingHostPort {
-            spec: spec.to_owned(),
-        })?;
+        let ports = after
+            .strip_prefix(':')
+            .ok_or_else(|| PublishError::MissingHostPort {
+                spec: spec.to_owned(),
+            })?;
         (Some(IpAddr::V6(ip)), ports)
     } else {
         let fields: Vec<&str> = addr_ports.split(':').collect();
         match fields.len() {
-            1 => return Err(PublishError::MissingHostPort { spec: spec.to_owned() }),
+            1 => {
+                return Err(PublishError::MissingHostPort {
+                    spec: spec.to_owned(),
+                })
+            }
             2 => (None, addr_ports),
             3 => {
                 let ip = Ipv4Addr::from_str(fields[0]).map_err(|_| PublishError::BadAddress {
@@ -122,19 +130,36 @@ pub fn parse(spec: &str) -> Result<PublishSpec, PublishError> {
                 })?;
                 (Some(IpAddr::V4(ip)), &addr_ports[fields[0].len() + 1..])
             }
-            _ if fields.len() > 3 && fields[..fields.len() - 2].iter().any(|f| f.is_empty() || f.chars().any(|c| c.is_ascii_hexdigit() && !c.is_ascii_digit())) => {
+            _ if fields.len() > 3
+                && fields[..fields.len() - 2].iter().any(|f| {
+                    f.is_empty()
+                        || f.chars()
+                            .any(|c| c.is_ascii_hexdigit() && !c.is_ascii_digit())
+                }) =>
+            {
                 let token = fields[..fields.len() - 2].join(":");
-                return Err(PublishError::BadAddress { spec: spec.to_owned(), token });
+                return Err(PublishError::BadAddress {
+                    spec: spec.to_owned(),
+                    token,
+                });
             }
-            _ => return Err(PublishError::TooManyParts { spec: spec.to_owned() }),
+            _ => {
+                return Err(PublishError::TooManyParts {
+                    spec: spec.to_owned(),
+                })
+            }
         }
     };
 
     let (host_port, port) = ports
         .split_once(':')
-        .ok_or_else(|| PublishError::MissingHostPort { spec: spec.to_owned() })?;
+        .ok_or_else(|| PublishError::MissingHostPort {
+            spec: spec.to_owned(),
+        })?;
     if port.contains(':') {
-        return Err(PublishError::TooManyParts { spec: spec.to_owned() });
+        return Err(PublishError::TooManyParts {
+            spec: spec.to_owned(),
+        });
     }
     Ok(PublishSpec {
         host_ip,
@@ -182,7 +207,12 @@ mod tests {
     fn host_and_inner_port() {
         assert_eq!(
             ok("8080:80"),
-            PublishSpec { host_ip: None, host_port: 8080, port: 80, protocol: Protocol::Tcp }
+            PublishSpec {
+                host_ip: None,
+                host_port: 8080,
+                port: 80,
+                protocol: Protocol::Tcp
+            }
         );
     }
 
@@ -230,13 +260,19 @@ mod tests {
             ("[::1:8080:80", "is not an IP address"),
             ("[fe80::zz]:1:2", "'[fe80::zz]'"),
             ("::1:8080:80", "brackets"),
-            ("8080:80/sctp", "'sctp' in '8080:80/sctp' is not a supported protocol"),
+            (
+                "8080:80/sctp",
+                "'sctp' in '8080:80/sctp' is not a supported protocol",
+            ),
             ("1.2.3.4:1:2:3", "too many parts"),
             ("[::1]8080:80", "no host port"),
         ];
         for (input, want) in cases {
             let err = parse(input).expect_err(input).to_string();
-            assert!(err.contains(want), "{input:?}: {err:?} does not contain {want:?}");
+            assert!(
+                err.contains(want),
+                "{input:?}: {err:?} does not contain {want:?}"
+            );
         }
     }
 }

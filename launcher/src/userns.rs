@@ -138,18 +138,26 @@ pub fn plan(mode: Mode, uid: u32, gid: u32, env: &Environment) -> Result<Plan, U
     if mode == Mode::Single {
         return Ok(Plan::Single { uid, gid });
     }
-    let user = nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
-    let group = nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
-    let helpers = (find_in_path("newuidmap", env), find_in_path("newgidmap", env));
+    let user = nix::unistd::User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let group = nix::unistd::Group::from_gid(Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name);
+    let helpers = (
+        find_in_path("newuidmap", env),
+        find_in_path("newgidmap", env),
+    );
     let subuids = read_ranges(&env.subuid, user.as_deref(), uid)?;
-    let subgids = read_ranges(&env.subgid, user.as_deref(), uid)
-        .map(|mut r| {
-            // shadow's newgidmap also accepts entries under the group's own name or id.
-            if r.is_empty() {
-                r = read_ranges(&env.subgid, group.as_deref(), gid).unwrap_or_default();
-            }
-            r
-        })?;
+    let subgids = read_ranges(&env.subgid, user.as_deref(), uid).map(|mut r| {
+        // shadow's newgidmap also accepts entries under the group's own name or id.
+        if r.is_empty() {
+            r = read_ranges(&env.subgid, group.as_deref(), gid).unwrap_or_default();
+        }
+        r
+    })?;
 
     let usable = !subuids.is_empty() && !subgids.is_empty();
     match (mode, helpers) {
@@ -238,7 +246,11 @@ pub fn parse_ranges(text: &str, name: Option<&str>, id: u32) -> Vec<IdRange> {
 /// Turns a failed `unshare(CLONE_NEWUSER)` into the error that names its cause and fix.
 pub fn diagnose_unshare(err: nix::errno::Errno, proc_sys: &Path) -> UsernsError {
     let read = |name: &str| -> Option<u64> {
-        fs::read_to_string(proc_sys.join(name)).ok()?.trim().parse().ok()
+        fs::read_to_string(proc_sys.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     };
     if read("kernel/unprivileged_userns_clone") == Some(0) {
         return UsernsError::UnprivilegedClone;
@@ -333,12 +345,20 @@ fn helper_main(plan: &SubidPlan, target: Pid, go: OwnedFd, result: OwnedFd) -> i
     if !matches!(go.read(&mut byte), Ok(1)) {
         return 0;
     }
-    let report = run_map_tool(&plan.newuidmap, target, &SubidPlan::triples(plan.uid, &plan.subuids))
-        .and_then(|()| {
-            run_map_tool(&plan.newgidmap, target, &SubidPlan::triples(plan.gid, &plan.subgids))
-        })
-        .map(|()| "ok".to_owned())
-        .unwrap_or_else(|e| e);
+    let report = run_map_tool(
+        &plan.newuidmap,
+        target,
+        &SubidPlan::triples(plan.uid, &plan.subuids),
+    )
+    .and_then(|()| {
+        run_map_tool(
+            &plan.newgidmap,
+            target,
+            &SubidPlan::triples(plan.gid, &plan.subgids),
+        )
+    })
+    .map(|()| "ok".to_owned())
+    .unwrap_or_else(|e| e);
     let _ = result.write_all(report.as_bytes());
     0
 }
@@ -370,15 +390,40 @@ mod tests {
 
     #[test]
     fn ranges_by_name_or_id() {
-        let text = "# comment\nalice:100000:65536\nbob:165536:65536\n1001:300000:10\nbroken\nalice:1:0\n";
-        assert_eq!(parse_ranges(text, Some("alice"), 1000), vec![IdRange { start: 100000, count: 65536 }]);
-        assert_eq!(parse_ranges(text, Some("carol"), 1001), vec![IdRange { start: 300000, count: 10 }]);
+        let text =
+            "# comment\nalice:100000:65536\nbob:165536:65536\n1001:300000:10\nbroken\nalice:1:0\n";
+        assert_eq!(
+            parse_ranges(text, Some("alice"), 1000),
+            vec![IdRange {
+                start: 100000,
+                count: 65536
+            }]
+        );
+        assert_eq!(
+            parse_ranges(text, Some("carol"), 1001),
+            vec![IdRange {
+                start: 300000,
+                count: 10
+            }]
+        );
         assert!(parse_ranges(text, None, 5).is_empty());
     }
 
     #[test]
     fn triples_put_the_caller_at_zero_and_ranges_from_one() {
-        let t = SubidPlan::triples(1000, &[IdRange { start: 100000, count: 65536 }, IdRange { start: 500000, count: 10 }]);
+        let t = SubidPlan::triples(
+            1000,
+            &[
+                IdRange {
+                    start: 100000,
+                    count: 65536,
+                },
+                IdRange {
+                    start: 500000,
+                    count: 10,
+                },
+            ],
+        );
         assert_eq!(t.join(" "), "0 1000 1 1 100000 65536 65537 500000 10");
     }
 
@@ -392,7 +437,8 @@ mod tests {
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lowport-userns-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("lowport-userns-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("sys/kernel")).unwrap();
         fs::create_dir_all(dir.join("sys/user")).unwrap();
@@ -403,21 +449,46 @@ mod tests {
     fn auto_falls_back_to_single_and_subids_explains() {
         let dir = tempdir("plan");
         let env = env_in(&dir);
-        assert_eq!(plan(Mode::Auto, 4242, 4242, &env).unwrap(), Plan::Single { uid: 4242, gid: 4242 });
-        let err = plan(Mode::Subids, 4242, 4242, &env).unwrap_err().to_string();
+        assert_eq!(
+            plan(Mode::Auto, 4242, 4242, &env).unwrap(),
+            Plan::Single {
+                uid: 4242,
+                gid: 4242
+            }
+        );
+        let err = plan(Mode::Subids, 4242, 4242, &env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("newuidmap was not found"), "{err}");
 
         fs::write(dir.join("newuidmap"), "").unwrap();
         fs::write(dir.join("newgidmap"), "").unwrap();
-        let err = plan(Mode::Subids, 4242, 4242, &env).unwrap_err().to_string();
-        assert!(err.contains("no subordinate uid range") && err.contains("usermod --add-subuids"), "{err}");
+        let err = plan(Mode::Subids, 4242, 4242, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no subordinate uid range") && err.contains("usermod --add-subuids"),
+            "{err}"
+        );
 
         fs::write(dir.join("subuid"), "4242:100000:65536\n").unwrap();
         fs::write(dir.join("subgid"), "4242:200000:65536\n").unwrap();
         match plan(Mode::Auto, 4242, 4242, &env).unwrap() {
             Plan::Subids(p) => {
-                assert_eq!(p.subuids, vec![IdRange { start: 100000, count: 65536 }]);
-                assert_eq!(p.subgids, vec![IdRange { start: 200000, count: 65536 }]);
+                assert_eq!(
+                    p.subuids,
+                    vec![IdRange {
+                        start: 100000,
+                        count: 65536
+                    }]
+                );
+                assert_eq!(
+                    p.subgids,
+                    vec![IdRange {
+                        start: 200000,
+                        count: 65536
+                    }]
+                );
             }
             other => panic!("expected subids, got {other:?}"),
         }
@@ -429,15 +500,31 @@ mod tests {
         let dir = tempdir("diag");
         let sys = dir.join("sys");
         let eperm = nix::errno::Errno::EPERM;
-        assert!(matches!(diagnose_unshare(eperm, &sys), UsernsError::Unshare(_)));
+        assert!(matches!(
+            diagnose_unshare(eperm, &sys),
+            UsernsError::Unshare(_)
+        ));
         fs::write(sys.join("user/max_user_namespaces"), "0\n").unwrap();
-        assert!(diagnose_unshare(nix::errno::Errno::ENOSPC, &sys).to_string().contains("user.max_user_namespaces is 0"));
+        assert!(diagnose_unshare(nix::errno::Errno::ENOSPC, &sys)
+            .to_string()
+            .contains("user.max_user_namespaces is 0"));
         fs::write(sys.join("user/max_user_namespaces"), "10\n").unwrap();
-        assert!(matches!(diagnose_unshare(nix::errno::Errno::ENOSPC, &sys), UsernsError::MaxUserNamespacesReached(10)));
-        fs::write(sys.join("kernel/apparmor_restrict_unprivileged_userns"), "1\n").unwrap();
-        assert!(diagnose_unshare(eperm, &sys).to_string().contains("apparmor_restrict_unprivileged_userns=0"));
+        assert!(matches!(
+            diagnose_unshare(nix::errno::Errno::ENOSPC, &sys),
+            UsernsError::MaxUserNamespacesReached(10)
+        ));
+        fs::write(
+            sys.join("kernel/apparmor_restrict_unprivileged_userns"),
+            "1\n",
+        )
+        .unwrap();
+        assert!(diagnose_unshare(eperm, &sys)
+            .to_string()
+            .contains("apparmor_restrict_unprivileged_userns=0"));
         fs::write(sys.join("kernel/unprivileged_userns_clone"), "0\n").unwrap();
-        assert!(diagnose_unshare(eperm, &sys).to_string().contains("unprivileged_userns_clone=1"));
+        assert!(diagnose_unshare(eperm, &sys)
+            .to_string()
+            .contains("unprivileged_userns_clone=1"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -449,8 +536,14 @@ mod tests {
         }
         write_single_maps(&dir, 1000, 100).unwrap();
         assert_eq!(fs::read_to_string(dir.join("setgroups")).unwrap(), "deny");
-        assert_eq!(fs::read_to_string(dir.join("uid_map")).unwrap(), "0 1000 1\n");
-        assert_eq!(fs::read_to_string(dir.join("gid_map")).unwrap(), "0 100 1\n");
+        assert_eq!(
+            fs::read_to_string(dir.join("uid_map")).unwrap(),
+            "0 1000 1\n"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("gid_map")).unwrap(),
+            "0 100 1\n"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -46,7 +46,10 @@ pub fn require(ok: bool, what: &str) -> bool {
 fn target_dir() -> PathBuf {
     // tests run from target/<profile>/deps/<test>-<hash>
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
 }
 
 /// The directory with copies of the binaries that uid 65534 can read and execute.
@@ -85,7 +88,11 @@ pub fn demo_server_bin() -> PathBuf {
 pub fn unprivileged_as(uid: u32, gid: u32, program: &Path) -> Command {
     if is_root() {
         // By full path: a test may give the command a PATH without it.
-        let mut cmd = Command::new(if Path::new("/usr/bin/setpriv").exists() { "/usr/bin/setpriv" } else { "setpriv" });
+        let mut cmd = Command::new(if Path::new("/usr/bin/setpriv").exists() {
+            "/usr/bin/setpriv"
+        } else {
+            "setpriv"
+        });
         cmd.arg(format!("--reuid={uid}"))
             .arg(format!("--regid={gid}"))
             .arg("--clear-groups")
@@ -143,20 +150,26 @@ impl Launch {
         unsafe {
             cmd.pre_exec(move || {
                 if write_fd == 3 {
-                    nix::fcntl::fcntl(3, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                    nix::fcntl::fcntl(
+                        3,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
                 } else {
                     nix::unistd::dup2(write_fd, 3)?;
                 }
                 Ok(())
             });
         }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(|e| format!("spawn lowport: {e}"))?;
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn lowport: {e}"))?;
         drop(write);
         let line = read_line_within(read, PATIENCE);
         match line {
             Some(line) if !line.trim().is_empty() => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&line).map_err(|e| format!("bad ready line {line:?}: {e}"))?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| format!("bad ready line {line:?}: {e}"))?;
                 let pid = v["pid"].as_u64().ok_or("no pid in the ready line")? as u32;
                 let ports = v["ports"]
                     .as_array()
@@ -169,7 +182,12 @@ impl Launch {
                         port: p["port"].as_u64().unwrap_or_default() as u16,
                     })
                     .collect();
-                Ok(Launch { child, pid, ports, ready_line: line })
+                Ok(Launch {
+                    child,
+                    pid,
+                    ports,
+                    ready_line: line,
+                })
             }
             _ => {
                 let _ = child.kill();
@@ -178,7 +196,9 @@ impl Launch {
                 if let Some(mut s) = child.stderr.take() {
                     let _ = s.read_to_string(&mut err);
                 }
-                Err(format!("lowport did not report readiness (status {status:?}); stderr: {err}"))
+                Err(format!(
+                    "lowport did not report readiness (status {status:?}); stderr: {err}"
+                ))
             }
         }
     }
@@ -194,7 +214,8 @@ impl Launch {
 
     /// Sends `sig` to lowport itself.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).expect("kill lowport");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("kill lowport");
     }
 
     /// Waits for lowport to exit, up to [`PATIENCE`].
@@ -257,7 +278,12 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 /// A minimal HTTP/1.1 exchange with `Connection: close`; returns the status code and the body.
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, PATIENCE)?;
     s.set_read_timeout(Some(PATIENCE))?;
     let head = format!(
@@ -272,20 +298,50 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io:
 }
 
 pub fn parse_response(response: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-    let bad = || std::io::Error::other(format!("bad HTTP response: {:?}", String::from_utf8_lossy(&response[..response.len().min(200)])));
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let bad = || {
+        std::io::Error::other(format!(
+            "bad HTTP response: {:?}",
+            String::from_utf8_lossy(&response[..response.len().min(200)])
+        ))
+    };
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
     let head = std::str::from_utf8(&response[..split]).map_err(|_| bad())?;
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
     let body = &response[split + 4..];
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    Ok((status, if chunked { dechunk(body).ok_or_else(bad)? } else { body.to_vec() }))
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    Ok((
+        status,
+        if chunked {
+            dechunk(body).ok_or_else(bad)?
+        } else {
+            body.to_vec()
+        },
+    ))
 }
 
 fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&body[..line_end])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
         body = &body[line_end + 2..];
         if size == 0 {
             return Some(out);
@@ -298,15 +354,22 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
 /// GET `path` once the server inside answers `/healthz`; the relay is up at readiness, the server may
 /// still be starting.
 pub fn wait_healthy(addr: SocketAddr) {
-    eventually("demo-server to answer /healthz", || match http(addr, "GET", "/healthz", b"") {
-        Ok((200, _)) => Some(()),
-        _ => None,
+    eventually("demo-server to answer /healthz", || {
+        match http(addr, "GET", "/healthz", b"") {
+            Ok((200, _)) => Some(()),
+            _ => None,
+        }
     });
 }
 
 pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
     let (status, body) = http(addr, "GET", path, b"").expect("GET");
-    assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        status,
+        200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&body)
+    );
     serde_json::from_slice(&body).expect("JSON body")
 }
 
@@ -342,7 +405,9 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 pub fn process_exists(pid: u32) -> bool {
     // A zombie still has a /proc entry; it counts as gone.
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -350,8 +415,10 @@ pub fn process_exists(pid: u32) -> bool {
 /// A status line of /proc/PID/status, such as "CapEff".
 pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// The uid and gid of `user` from the passwd database, if it exists.
@@ -362,25 +429,46 @@ pub fn user_ids(user: &str) -> Option<(u32, u32)> {
 
 /// Runs lowport to completion with `args`; returns the exit code and stderr.
 pub fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let status = wait_with_deadline(&mut child, PATIENCE).unwrap_or_else(|| {
         let _ = child.kill();
         panic!("lowport hung");
     });
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (exit_code(status), out, err)
 }
 
 /// The exit code, or 128 + N for a signal as a shell reports it.
 pub fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// The content of /proc/sys for a sysctl, as a number.
 pub fn sysctl(path: &str) -> Option<u64> {
-    fs::read_to_string(Path::new("/proc/sys").join(path)).ok()?.trim().parse().ok()
+    fs::read_to_string(Path::new("/proc/sys").join(path))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -29,7 +29,10 @@ fn malformed_publish_names_the_bad_token_and_exits_2() {
 fn a_missing_command_exits_127() {
     let (code, err) = fails(&["run", "--", "no-such-command-lowport"]);
     assert_eq!(code, 127, "{err}");
-    assert!(err.contains("no-such-command-lowport: command not found"), "{err}");
+    assert!(
+        err.contains("no-such-command-lowport: command not found"),
+        "{err}"
+    );
     let (code, err) = fails(&["run", "--", "/etc/passwd"]);
     assert_eq!(code, 126, "{err}");
 }
@@ -46,14 +49,20 @@ fn a_host_port_in_use_is_named_with_the_fixes() {
     let port = taken.local_addr().unwrap().port();
     let (code, err) = fails(&["run", "-p", &format!("127.0.0.1:{port}:80"), "--", "true"]);
     assert_eq!(code, 125, "{err}");
-    assert!(err.contains(&format!("host port {port} on 127.0.0.1 is already in use")), "{err}");
+    assert!(
+        err.contains(&format!("host port {port} on 127.0.0.1 is already in use")),
+        "{err}"
+    );
     assert!(err.contains("use 0"), "{err}");
 }
 
 #[test]
 fn a_privileged_host_port_is_named_with_the_fixes() {
     let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
-    if !require(start > 80, "a host whose net.ipv4.ip_unprivileged_port_start is above 80") {
+    if !require(
+        start > 80,
+        "a host whose net.ipv4.ip_unprivileged_port_start is above 80",
+    ) {
         return;
     }
     let (code, err) = fails(&["run", "-p", "127.0.0.1:80:80", "--", "true"]);
@@ -82,8 +91,14 @@ fn user_namespaces_switched_off_are_named_with_the_fix() {
     if !is_root() {
         cmd = std::process::Command::new("unshare");
     }
-    cmd.args(["--user", "--map-root-user", "sh", "-c", "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" run -- true"])
-        .arg(lowport_bin());
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" run -- true",
+    ])
+    .arg(lowport_bin());
     let (code, _, err) = run_to_end(&mut cmd);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("user.max_user_namespaces is 0"), "{err}");
@@ -92,7 +107,10 @@ fn user_namespaces_switched_off_are_named_with_the_fix() {
 
 #[test]
 fn subids_without_ranges_is_named_with_the_fix() {
-    if !require(which("newuidmap") && which("newgidmap"), "newuidmap and newgidmap (package uidmap)") {
+    if !require(
+        which("newuidmap") && which("newgidmap"),
+        "newuidmap and newgidmap (package uidmap)",
+    ) {
         return;
     }
     let (code, err) = fails(&["run", "--userns", "subids", "--", "true"]);
@@ -104,11 +122,15 @@ fn subids_without_ranges_is_named_with_the_fix() {
 #[test]
 fn subids_without_newuidmap_is_named_with_the_fix() {
     let Some((uid, gid)) = user_ids(SUBID_USER) else {
-        require(false, &format!("the test user {SUBID_USER} (make test creates it as root)"));
+        require(
+            false,
+            &format!("the test user {SUBID_USER} (make test creates it as root)"),
+        );
         return;
     };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
-    cmd.env("PATH", "/nonexistent").args(["run", "--userns", "subids", "--", "/bin/true"]);
+    cmd.env("PATH", "/nonexistent")
+        .args(["run", "--userns", "subids", "--", "/bin/true"]);
     let (code, _, err) = run_to_end(&mut cmd);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("newuidmap was not found"), "{err}");

@@ -4,8 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use lowport_tests::*;
+use nix::sys::signal::Signal;
 
 #[test]
 fn exit_status_is_the_commands() {
@@ -18,7 +18,8 @@ fn exit_status_is_the_commands() {
 #[test]
 fn a_command_killed_by_a_signal_gives_128_plus_n() {
     for (sig, want) in [("KILL", 137), ("TERM", 143), ("SEGV", 139)] {
-        let (code, _, err) = run_to_end(lowport().args(["run", "--", "sh", "-c", &format!("kill -{sig} $$")]));
+        let (code, _, err) =
+            run_to_end(lowport().args(["run", "--", "sh", "-c", &format!("kill -{sig} $$")]));
         assert_eq!(code, want, "kill -{sig}: {err}");
     }
 }
@@ -54,7 +55,10 @@ fn every_forwarded_signal_reaches_the_command() {
         let line = lines.next().expect("the command's output ended").unwrap();
         assert_eq!(line, name, "after sending {sig}");
     }
-    assert!(child.try_wait().unwrap().is_none(), "lowport must keep running: the command handled every signal");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "lowport must keep running: the command handled every signal"
+    );
     nix::sys::signal::kill(lowport_pid, Signal::SIGKILL).unwrap();
     child.wait().unwrap();
 }
@@ -63,14 +67,25 @@ fn every_forwarded_signal_reaches_the_command() {
 fn sigterm_to_lowport_ends_a_default_command_with_143() {
     let mut launch = Launch::start({
         let mut cmd = lowport();
-        cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--", "sleep", "1000"]);
+        cmd.args([
+            "run",
+            "-p",
+            "127.0.0.1:0:80",
+            "--ready-fd",
+            "3",
+            "--",
+            "sleep",
+            "1000",
+        ]);
         cmd
     });
     let sleeper = launch.pid;
     assert!(process_exists(sleeper));
     launch.signal(Signal::SIGTERM);
     assert_eq!(exit_code(launch.wait()), 143);
-    eventually("sleep to be gone", || (!process_exists(sleeper)).then_some(()));
+    eventually("sleep to be gone", || {
+        (!process_exists(sleeper)).then_some(())
+    });
 }
 
 #[test]
@@ -78,21 +93,38 @@ fn sigkill_of_lowport_leaves_no_process_and_frees_the_port() {
     // demo-server with a second process beside it, like nginx's master and workers.
     let mut launch = Launch::start({
         let mut cmd = lowport();
-        cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--", "sh", "-c"])
-            .arg(format!("sleep 1000 & {} & wait", demo_server_bin().display()));
+        cmd.args([
+            "run",
+            "-p",
+            "127.0.0.1:0:80",
+            "--ready-fd",
+            "3",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "sleep 1000 & {} & wait",
+            demo_server_bin().display()
+        ));
         cmd
     });
     wait_healthy(launch.addr());
     let port = launch.host_port();
     let tree = descendants(launch.child.id());
-    assert!(tree.len() >= 4, "helper, sh, sleep and demo-server expected, found {tree:?}");
+    assert!(
+        tree.len() >= 4,
+        "helper, sh, sleep and demo-server expected, found {tree:?}"
+    );
     launch.signal(Signal::SIGKILL);
     assert_eq!(exit_code(launch.wait()), 137);
     eventually("every process of the launch to be gone", || {
         let left: Vec<_> = tree.iter().filter(|p| process_exists(**p)).collect();
         left.is_empty().then_some(())
     });
-    eventually("the host port to be free", || std::net::TcpListener::bind(("127.0.0.1", port)).ok());
+    eventually("the host port to be free", || {
+        std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+    });
 }
 
 #[test]
@@ -122,7 +154,9 @@ fn the_command_sees_uid_0_in_an_interactive_shell() {
     drop(cmd);
     let mut master = std::fs::File::from(pty.master);
     use std::io::{Read, Write};
-    master.write_all(b"echo uid=$(id -u) tty=$(tty >/dev/null && echo yes)\nexit 3\n").unwrap();
+    master
+        .write_all(b"echo uid=$(id -u) tty=$(tty >/dev/null && echo yes)\nexit 3\n")
+        .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];

@@ -7,7 +7,10 @@ use lowport_tests::*;
 
 fn demo(extra: &[&str]) -> Launch {
     let mut cmd = lowport();
-    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3"]).args(extra).arg("--").arg(demo_server_bin());
+    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3"])
+        .args(extra)
+        .arg("--")
+        .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     launch
@@ -25,10 +28,18 @@ fn whoami_inside_is_root_mapped_to_the_caller() {
         .split_whitespace()
         .map(|n| n.parse().unwrap())
         .collect();
-    assert_eq!(uid_map, vec![0, u64::from(caller_uid()), 1], "uid_map: {who}");
+    assert_eq!(
+        uid_map,
+        vec![0, u64::from(caller_uid()), 1],
+        "uid_map: {who}"
+    );
     assert_eq!(who["ip_unprivileged_port_start"], 0, "{who}");
     assert!(
-        who["effective_caps"].as_array().unwrap().iter().any(|c| c == "cap_net_bind_service"),
+        who["effective_caps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "cap_net_bind_service"),
         "root inside holds the namespace's capabilities: {who}"
     );
     assert_eq!(who["local_addr"], "127.0.0.1:80", "{who}");
@@ -41,9 +52,17 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
     // When root runs the tests, the process is setpriv, which execs lowport under the same pid.
     let uid = caller_uid().to_string();
     let uids = proc_status_field(pid, "Uid").unwrap();
-    assert_eq!(uids.split_whitespace().collect::<Vec<_>>(), vec![uid.as_str(); 4], "real, effective, saved, fs uid");
+    assert_eq!(
+        uids.split_whitespace().collect::<Vec<_>>(),
+        vec![uid.as_str(); 4],
+        "real, effective, saved, fs uid"
+    );
     for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        assert_eq!(proc_status_field(pid, set).unwrap(), "0000000000000000", "{set} of lowport");
+        assert_eq!(
+            proc_status_field(pid, set).unwrap(),
+            "0000000000000000",
+            "{set} of lowport"
+        );
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, lowport_bin(), "the process checked is lowport itself");
@@ -59,13 +78,38 @@ fn port_start_option_is_applied_inside() {
 #[test]
 fn ready_report_lists_pid_and_every_bound_socket() {
     let mut cmd = lowport();
-    cmd.args(["run", "-p", "0:80", "-p", "127.0.0.1:0:443", "--ready-fd", "3", "--"]).arg(demo_server_bin());
+    cmd.args([
+        "run",
+        "-p",
+        "0:80",
+        "-p",
+        "127.0.0.1:0:443",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     let ips: Vec<&str> = launch.ports.iter().map(|p| p.host_ip.as_str()).collect();
-    assert!(ips.contains(&"0.0.0.0") && ips.contains(&"127.0.0.1"), "{}", launch.ready_line);
-    assert!(launch.ports.iter().all(|p| p.host_port != 0 && p.protocol == "tcp"), "{}", launch.ready_line);
+    assert!(
+        ips.contains(&"0.0.0.0") && ips.contains(&"127.0.0.1"),
+        "{}",
+        launch.ready_line
+    );
+    assert!(
+        launch
+            .ports
+            .iter()
+            .all(|p| p.host_port != 0 && p.protocol == "tcp"),
+        "{}",
+        launch.ready_line
+    );
     let both: Vec<_> = launch.ports.iter().filter(|p| p.port == 80).collect();
-    assert!(both.iter().all(|p| p.host_port == both[0].host_port), "v4 and v6 share the port: {}", launch.ready_line);
+    assert!(
+        both.iter().all(|p| p.host_port == both[0].host_port),
+        "v4 and v6 share the port: {}",
+        launch.ready_line
+    );
     // The pid is the command's, as the host sees it.
     let exe = std::fs::read_link(format!("/proc/{}/exe", launch.pid)).unwrap();
     assert_eq!(exe, demo_server_bin(), "{}", launch.ready_line);
@@ -123,7 +167,11 @@ fn half_closed_client_still_gets_the_whole_answer() {
     let launch = demo(&[]);
     let body = payload(4 << 20);
     let reply = echo(&launch, &body, true);
-    assert!(reply == body, "after the client's FIN the reply was cut or changed ({} bytes)", reply.len());
+    assert!(
+        reply == body,
+        "after the client's FIN the reply was cut or changed ({} bytes)",
+        reply.len()
+    );
 }
 
 #[test]
@@ -138,7 +186,11 @@ fn two_hundred_concurrent_requests_all_succeed() {
                 let mut s = TcpStream::connect(addr).unwrap();
                 barrier.wait();
                 s.set_read_timeout(Some(PATIENCE)).unwrap();
-                write!(s, "GET /whoami?{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+                write!(
+                    s,
+                    "GET /whoami?{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
                 let mut response = Vec::new();
                 s.read_to_end(&mut response).unwrap();
                 parse_response(&response).unwrap()
@@ -158,11 +210,16 @@ fn two_hundred_concurrent_requests_all_succeed() {
 
 #[test]
 fn ipv6_clients_reach_an_ipv4_only_server() {
-    if !require(std::net::TcpListener::bind("[::1]:0").is_ok(), "IPv6 on loopback") {
+    if !require(
+        std::net::TcpListener::bind("[::1]:0").is_ok(),
+        "IPv6 on loopback",
+    ) {
         return;
     }
     let mut cmd = lowport();
-    cmd.args(["run", "-p", "0:80", "--ready-fd", "3", "--"]).arg(demo_server_bin()).args(["--bind", "0.0.0.0"]);
+    cmd.args(["run", "-p", "0:80", "--ready-fd", "3", "--"])
+        .arg(demo_server_bin())
+        .args(["--bind", "0.0.0.0"]);
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, launch.host_port()));
@@ -173,7 +230,13 @@ fn ipv6_clients_reach_an_ipv4_only_server() {
 #[test]
 fn stdio_passes_through() {
     // run_to_end gives the command an empty stdin: read finds end-of-file at once.
-    let (code, out, err) = run_to_end(lowport().args(["run", "--", "sh", "-c", "read line; echo \"got $line\"; echo oops >&2"]));
+    let (code, out, err) = run_to_end(lowport().args([
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "read line; echo \"got $line\"; echo oops >&2",
+    ]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "got \n");
     assert!(err.contains("oops"), "{err}");

@@ -6,32 +6,57 @@ use lowport_tests::*;
 
 fn subid_user() -> Option<(u32, u32)> {
     let ids = user_ids(SUBID_USER);
-    require(ids.is_some() && is_root(), &format!("root, to run as the test user {SUBID_USER} (make test creates it)"))
-        .then_some(ids?)
+    require(
+        ids.is_some() && is_root(),
+        &format!("root, to run as the test user {SUBID_USER} (make test creates it)"),
+    )
+    .then_some(ids?)
 }
 
 fn subid_start(file: &str) -> u64 {
     let text = std::fs::read_to_string(file).unwrap();
-    let line = text.lines().find(|l| l.starts_with(&format!("{SUBID_USER}:"))).expect("a range for the test user");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{SUBID_USER}:")))
+        .expect("a range for the test user");
     line.split(':').nth(1).unwrap().parse().unwrap()
 }
 
 #[test]
 fn subids_maps_the_ranges_and_a_server_can_switch_uid() {
-    let Some((uid, gid)) = subid_user() else { return };
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
     // The server drops to uid/gid 33 inside, and still binds port 80 thanks to the port start of 0.
-    cmd.args(["run", "--userns", "subids", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--"])
-        .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
-        .arg(demo_server_bin());
+    cmd.args([
+        "run",
+        "--userns",
+        "subids",
+        "-p",
+        "127.0.0.1:0:80",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
+    .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     let who = get_json(launch.addr(), "/whoami");
     assert_eq!(who["uid"], 33, "{who}");
     assert_eq!(who["gid"], 33, "{who}");
-    assert!(who["effective_caps"].as_array().unwrap().is_empty(), "uid 33 holds no capability: {who}");
+    assert!(
+        who["effective_caps"].as_array().unwrap().is_empty(),
+        "uid 33 holds no capability: {who}"
+    );
     let rows = |map: &str| -> Vec<Vec<u64>> {
-        who[map].as_str().unwrap().lines().map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect()).collect()
+        who[map]
+            .as_str()
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect())
+            .collect()
     };
     let uid_map = rows("uid_map");
     assert_eq!(uid_map[0], vec![0, u64::from(uid), 1], "{who}");
@@ -43,7 +68,9 @@ fn subids_maps_the_ranges_and_a_server_can_switch_uid() {
 
 #[test]
 fn auto_picks_subids_when_the_user_has_ranges() {
-    let Some((uid, gid)) = subid_user() else { return };
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
     cmd.args(["run", "--", "cat", "/proc/self/uid_map"]);
     let (code, out, err) = run_to_end(&mut cmd);
@@ -53,9 +80,18 @@ fn auto_picks_subids_when_the_user_has_ranges() {
 
 #[test]
 fn single_maps_one_id_even_with_ranges() {
-    let Some((uid, gid)) = subid_user() else { return };
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
-    cmd.args(["run", "--userns", "single", "--", "cat", "/proc/self/uid_map"]);
+    cmd.args([
+        "run",
+        "--userns",
+        "single",
+        "--",
+        "cat",
+        "/proc/self/uid_map",
+    ]);
     let (code, out, err) = run_to_end(&mut cmd);
     assert_eq!(code, 0, "{err}");
     let row: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
