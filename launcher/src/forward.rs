@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -30,24 +30,47 @@ const CHUNK: usize = 64 * 1024;
 pub struct Target {
     /// The port inside the namespace.
     pub port: u16,
+    /// Connect from the client's own address and port, so the server sees the real client.
+    pub preserve_source: bool,
 }
 
 impl Target {
     /// The inner addresses to try for a client, its own family first: a server that listens on one
     /// family only still gets the other family's clients.
-    fn candidates(&self, client: &SocketAddr) -> [SocketAddr; 2] {
+    pub fn candidates(&self, client: &SocketAddr) -> [SocketAddr; 2] {
         let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port);
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.port);
-        let client_v4 = match client.ip() {
-            IpAddr::V4(_) => true,
-            IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
-        };
-        if client_v4 {
+        if unmapped(*client).is_ipv4() {
             [v4, v6]
         } else {
             [v6, v4]
         }
     }
+
+    /// The source address for a connection to `inner` on behalf of `client`, when it is preserved and
+    /// the families agree (an IPv6 client relayed to an IPv4-only server cannot keep its address).
+    pub fn source_for(&self, client: SocketAddr, inner: SocketAddr) -> Option<SocketAddr> {
+        let client = unmapped(client);
+        (self.preserve_source && client.is_ipv4() == inner.is_ipv4()).then_some(client)
+    }
+}
+
+/// An IPv4 client seen through an IPv4-mapped IPv6 address, as the IPv4 address it is.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Lets a socket bind an address this namespace does not have (IPv6 checks configured addresses only;
+/// IPv4 already counts every address as local, see `netns::route_replies_to_clients`).
+pub fn allow_foreign_bind(fd: &impl AsFd) -> io::Result<()> {
+    nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::IpFreebind, &true)
+        .map_err(io::Error::from)
 }
 
 /// Serves one listener until `shutdown` completes. `limit` bounds the connections of every listener
@@ -118,10 +141,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, target: &Target) -> io::Res
 
 async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
     let [first, second] = target.candidates(peer);
-    match TcpStream::connect(first).await {
+    match connect_from(target.source_for(*peer, first), first).await {
         Ok(stream) => Ok(stream),
-        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-            TcpStream::connect(second).await.map_err(|second_err| {
+        Err(err)
+            if err.kind() == io::ErrorKind::ConnectionRefused
+                || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+        {
+            connect_from(target.source_for(*peer, second), second).await.map_err(|second_err| {
                 warn!(%peer, port = target.port, ?err, ?second_err, "nothing listens on the port inside; closing the client's connection");
                 second_err
             })
@@ -131,6 +157,51 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
             Err(err)
         }
     }
+}
+
+/// Connects to `to`, from `from` when given. The client's exact port may be taken inside (a server
+/// listening on that number, a TIME_WAIT left by an earlier connection of the same client port); then
+/// the client's address is kept with another port, and as a last resort the kernel picks both.
+async fn connect_from(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<TcpStream> {
+    let new_socket = || {
+        if to.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    let Some(from) = from else {
+        return new_socket()?.connect(to).await;
+    };
+    for source in [from, SocketAddr::new(from.ip(), 0)] {
+        let socket = new_socket()?;
+        let bound = socket
+            .set_reuseaddr(true)
+            .and_then(|()| {
+                if from.is_ipv6() {
+                    allow_foreign_bind(&socket)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| socket.bind(source));
+        if let Err(err) = bound {
+            debug!(%source, ?err, "cannot bind the client's address inside");
+            continue;
+        }
+        match socket.connect(to).await {
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)
+                ) =>
+            {
+                debug!(%source, ?err, "the client's address is taken inside");
+            }
+            other => return other,
+        }
+    }
+    new_socket()?.connect(to).await
 }
 
 /// Relays both directions until both are done, or either fails; then both sockets close.

@@ -13,7 +13,7 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
-use crate::publish::PublishSpec;
+use crate::publish::{Protocol, PublishSpec};
 
 /// One bound host socket and the mapping it serves.
 #[derive(Debug)]
@@ -21,14 +21,40 @@ pub struct HostSocket {
     pub spec: PublishSpec,
     /// The address as bound, with the real port when 0 was asked for.
     pub addr: SocketAddr,
-    pub listener: std::net::TcpListener,
+    pub socket: Bound,
+}
+
+/// A listening TCP socket or a bound UDP socket.
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl std::os::fd::AsRawFd for Bound {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Bound::Tcp(s) => s.as_raw_fd(),
+            Bound::Udp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Bound {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Bound::Tcp(s) => s.local_addr(),
+            Bound::Udp(s) => s.local_addr(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("host port {port} on {ip} is already in use (-p {spec}): stop the program that holds it (ss -ltnp 'sport = :{port}' names it), publish another host port, or use 0 to let lowport pick a free one")]
+    #[error("host port {port}/{protocol} on {ip} is already in use (-p {spec}): stop the program that holds it (ss -lntup 'sport = :{port}' names it), publish another host port, or use 0 to let lowport pick a free one")]
     InUse {
         spec: PublishSpec,
+        protocol: Protocol,
         ip: IpAddr,
         port: u16,
     },
@@ -85,9 +111,9 @@ fn bind_spec_once(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>
     let mut port = spec.host_port;
     for ip in spec.host_addrs() {
         let addr = SocketAddr::new(ip, port);
-        match bind_tcp(addr) {
-            Ok(listener) => {
-                let bound = listener.local_addr().map_err(|source| BindError::Other {
+        match bind(addr, spec.protocol) {
+            Ok(socket) => {
+                let bound = socket.local_addr().map_err(|source| BindError::Other {
                     spec: spec.clone(),
                     addr,
                     source,
@@ -96,7 +122,7 @@ fn bind_spec_once(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>
                 sockets.push(HostSocket {
                     spec: spec.clone(),
                     addr: bound,
-                    listener,
+                    socket,
                 });
             }
             // "All addresses" includes IPv6 only where the host has it.
@@ -120,6 +146,7 @@ fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &P
     let spec = spec.clone();
     match source.raw_os_error() {
         Some(libc::EADDRINUSE) => BindError::InUse {
+            protocol: spec.protocol,
             spec,
             ip: addr.ip(),
             port: addr.port(),
@@ -145,28 +172,44 @@ fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &P
     }
 }
 
-/// A listening TCP socket; IPv6 sockets are IPv6-only so that 0.0.0.0 and [::] can share a port.
-fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening TCP socket or a bound UDP socket; IPv6 sockets are IPv6-only so that 0.0.0.0 and [::]
+/// can share a port.
+fn bind(addr: SocketAddr, protocol: Protocol) -> io::Result<Bound> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
+    let kind = match protocol {
+        Protocol::Tcp => SockType::Stream,
+        Protocol::Udp => SockType::Datagram,
+    };
     let fd = socket::socket(
         family,
-        SockType::Stream,
+        kind,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    // Lets a new launch rebind at once while connections of a previous one sit in TIME_WAIT.
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
-    socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(addr),
-    )?;
-    socket::listen(&fd, Backlog::MAXCONN)?;
-    Ok(std::net::TcpListener::from(fd))
+    match protocol {
+        Protocol::Tcp => {
+            // Lets a new launch rebind at once while connections of a previous one sit in TIME_WAIT.
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(addr),
+            )?;
+            socket::listen(&fd, Backlog::MAXCONN)?;
+            Ok(Bound::Tcp(std::net::TcpListener::from(fd)))
+        }
+        Protocol::Udp => {
+            socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(addr),
+            )?;
+            Ok(Bound::Udp(std::net::UdpSocket::from(fd)))
+        }
+    }
 }

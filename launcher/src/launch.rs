@@ -27,11 +27,12 @@ use tracing::{debug, warn};
 
 use crate::capabilities::{self, CapsError};
 use crate::forward::{self, Target};
-use crate::host::{self, BindError, HostSocket};
+use crate::host::{self, BindError, Bound, HostSocket};
 use crate::init::{self, CommandSpec, InitError, Started};
 use crate::netns::{self, NetnsError};
 use crate::publish::PublishSpec;
 use crate::sys;
+use crate::udp;
 use crate::userns::{self, MapHelper, Plan, UsernsError};
 
 /// Everything `lowport run` was asked to do.
@@ -42,6 +43,12 @@ pub struct Config {
     pub port_start: u16,
     pub ready_fd: Option<RawFd>,
     pub max_connections: usize,
+    /// Relay from each client's own address, so the server sees who connects.
+    pub preserve_source: bool,
+    /// Hand the host sockets to the command (systemd's LISTEN_FDS) instead of relaying.
+    pub socket_activation: bool,
+    /// How long a UDP flow lives without a datagram in either direction.
+    pub udp_timeout: std::time::Duration,
     pub command: Vec<OsString>,
 }
 
@@ -164,13 +171,30 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // 5. Inside the network namespace.
     netns::loopback_up()?;
     netns::set_unprivileged_port_start(&proc_sys, config.port_start)?;
+    let relaying = !config.socket_activation && !sockets.is_empty();
+    if relaying && config.preserve_source {
+        netns::route_replies_to_clients()?;
+    }
 
     // 6. The command.
-    let mut close_in_helper: Vec<RawFd> = sockets.iter().map(|s| s.listener.as_raw_fd()).collect();
+    let mut close_in_helper: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
     close_in_helper.extend(config.ready_fd);
+    let activation = if config.socket_activation {
+        sockets
+            .iter()
+            .map(|s| {
+                (
+                    s.socket.as_raw_fd(),
+                    format!("{}-{}", s.spec.protocol, s.spec.port),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let command = CommandSpec {
         argv: config.command.clone(),
-        activation: Vec::new(),
+        activation,
     };
     let started = init::start(&command, &forwarded, &close_in_helper)?;
     debug!(init = %started.init, child = started.child_pid, "command started");
@@ -200,17 +224,37 @@ async fn supervise(
     let mut bound = Vec::new();
     for socket in sockets {
         bound.push((socket.spec.clone(), socket.addr));
-        let listener = tokio::net::TcpListener::from_std(socket.listener)
-            .map_err(LaunchError::io("register a host socket"))?;
+        if config.socket_activation {
+            // The command owns its copies now; lowport's copies only have to outlive the readiness
+            // report, and closing them early would change nothing for the command.
+            continue;
+        }
         let target = Target {
             port: socket.spec.port,
+            preserve_source: config.preserve_source,
         };
-        tokio::spawn(forward::serve(
-            listener,
-            target,
-            limit.clone(),
-            std::future::pending(),
-        ));
+        match socket.socket {
+            Bound::Tcp(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(LaunchError::io("register a host socket"))?;
+                tokio::spawn(forward::serve(
+                    listener,
+                    target,
+                    limit.clone(),
+                    std::future::pending(),
+                ));
+            }
+            Bound::Udp(socket) => {
+                let socket = tokio::net::UdpSocket::from_std(socket)
+                    .map_err(LaunchError::io("register a host socket"))?;
+                tokio::spawn(udp::serve(
+                    socket,
+                    target,
+                    config.udp_timeout,
+                    std::future::pending(),
+                ));
+            }
+        }
     }
 
     let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -277,14 +321,14 @@ async fn forward_signals(signals: AsyncFd<SignalFd>, init: nix::unistd::Pid, chi
 }
 
 #[derive(serde::Serialize)]
-struct Ready<'a> {
+struct Ready {
     pid: u32,
-    ports: Vec<ReadyPort<'a>>,
+    ports: Vec<ReadyPort>,
 }
 
 #[derive(serde::Serialize)]
-struct ReadyPort<'a> {
-    protocol: &'a str,
+struct ReadyPort {
+    protocol: String,
     host_ip: String,
     host_port: u16,
     port: u16,
@@ -295,7 +339,7 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
     let ports = bound
         .iter()
         .map(|(spec, addr)| ReadyPort {
-            protocol: "tcp",
+            protocol: spec.protocol.to_string(),
             host_ip: addr.ip().to_string(),
             host_port: addr.port(),
             port: spec.port,

@@ -24,7 +24,9 @@ pub mod init;
 pub mod launch;
 pub mod netns;
 pub mod publish;
+pub mod rtnetlink;
 pub mod sys;
+pub mod udp;
 pub mod userns;
 
 pub use launch::{run, Config, LaunchError};

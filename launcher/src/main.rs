@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lowport::publish::PublishSpec;
@@ -39,7 +40,7 @@ struct RunArgs {
     #[arg(
         short = 'p',
         long = "publish",
-        value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp]"
+        value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp|udp]"
     )]
     publish: Vec<PublishSpec>,
 
@@ -64,6 +65,21 @@ struct RunArgs {
     #[arg(long, default_value_t = 16384, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
 
+    /// Do not relay from each client's own address: the server then sees every client as 127.0.0.1 or
+    /// ::1 (by default it sees the real address and port, over TCP and UDP)
+    #[arg(long)]
+    no_preserve_source: bool,
+
+    /// Hand the host sockets to COMMAND with systemd's socket-activation protocol (fds from 3,
+    /// LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES such as tcp-80) and relay nothing: the server accepts host
+    /// connections itself, at native speed and with real client addresses
+    #[arg(long)]
+    socket_activation: bool,
+
+    /// Close a UDP flow after this long without a datagram either way (e.g. 60, 90s, 500ms, 5m)
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    udp_timeout: Duration,
+
     /// The program to run and its arguments (put `--` before it when it takes options of its own)
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -79,6 +95,9 @@ fn main() -> ExitCode {
         port_start: args.port_start,
         ready_fd: args.ready_fd,
         max_connections: args.max_connections as usize,
+        preserve_source: !args.no_preserve_source,
+        socket_activation: args.socket_activation,
+        udp_timeout: args.udp_timeout,
         command: args.command,
     };
     match lowport::run(config) {
@@ -88,6 +107,32 @@ fn main() -> ExitCode {
             ExitCode::from(err.exit_code() as u8)
         }
     }
+}
+
+/// Seconds by default; `ms`, `s` and `m` suffixes are accepted.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration; write 60, 90s, 500ms or 5m"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "'{unit}' in '{text}' is not a unit; use ms, s or m"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err("the timeout must be above zero".into());
+    }
+    Ok(d)
 }
 
 fn init_logging(level: Option<&str>) {

@@ -8,12 +8,21 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::rtnetlink::{Prefix, Rtnl, Selector, TABLE_LOCAL};
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("cannot bring up the loopback interface in the new network namespace: {0}")]
     LoopbackUp(#[source] io::Error),
+    #[error("cannot set up source-address preservation inside ({step}): {source} (run with --no-preserve-source to do without)")]
+    Routing {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "cannot set net.ipv4.ip_unprivileged_port_start to {value} inside ({path}): {source}{hint}"
     )]
@@ -29,6 +38,68 @@ pub enum NetnsError {
 /// Brings `lo` up; its addresses 127.0.0.1/8 and ::1 come with it.
 pub fn loopback_up() -> Result<(), NetnsError> {
     sys::set_interface_up(c"lo").map_err(NetnsError::LoopbackUp)
+}
+
+/// The routing table for IPv6 replies to clients' own addresses.
+const TABLE_REPLIES_V6: u32 = 100;
+
+/// Lets the relay connect from each client's own address, with no capability at run time.
+///
+/// IPv4: a `local 0.0.0.0/0 dev lo src 127.0.0.1` route in the local table makes every address count
+/// as this namespace's own. The relay may then bind a client's address and send from it (the kernel
+/// checks the local table for both, see `__ip_dev_find`), and whatever the server sends to a client's
+/// address comes back over `lo` to the relay's socket; `src 127.0.0.1` makes a UDP server that answers
+/// from a wildcard socket answer from 127.0.0.1, the address the relay's flow is connected to. The cost:
+/// inside, every IPv4 destination is local, so a connection to an outside address is refused at once
+/// instead of failing as unreachable; the namespace has no way out anyway.
+///
+/// IPv6 checks only configured addresses at bind time, so the relay's sockets use IP_FREEBIND; replies
+/// from ::1 are looked up in a table whose default route is `local ::/0 dev lo`, which leaves every other
+/// IPv6 lookup as it was.
+///
+/// The design notes proposed IP_TRANSPARENT instead; it needs CAP_NET_ADMIN or CAP_NET_RAW at every
+/// connection, which would keep a capability in the long-running relay. docs/how-it-works.md explains.
+pub fn route_replies_to_clients() -> Result<(), NetnsError> {
+    let step = |step: &'static str| move |source: io::Error| NetnsError::Routing { step, source };
+    let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| step("find lo")(e.into()))?;
+    let mut nl = Rtnl::open().map_err(step("open a netlink socket"))?;
+    let any_v4 = Prefix {
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        len: 0,
+    };
+    nl.add_local_route(
+        any_v4,
+        lo,
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        TABLE_LOCAL,
+    )
+    .map_err(step(
+        "ip route add local 0.0.0.0/0 dev lo src 127.0.0.1 table local",
+    ))?;
+
+    let inet6 = libc::AF_INET6 as u8;
+    let loopback_v6 = Prefix {
+        addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+        len: 128,
+    };
+    let any_v6 = Prefix {
+        addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        len: 0,
+    };
+    match nl.add_local_route(any_v6, lo, None, TABLE_REPLIES_V6) {
+        // A kernel without IPv6 has nothing to set up here.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(()),
+        other => other.map_err(step("ip -6 route add local ::/0 dev lo table 100"))?,
+    }
+    nl.rule(
+        true,
+        inet6,
+        Selector::From(loopback_v6),
+        TABLE_REPLIES_V6,
+        2,
+    )
+    .map_err(step("ip -6 rule add from ::1 lookup 100 pref 2"))?;
+    Ok(())
 }
 
 /// Writes `ip_unprivileged_port_start` under `proc_sys` (normally /proc/sys, seen from inside).

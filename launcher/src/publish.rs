@@ -1,7 +1,8 @@
-//! The `-p, --publish [HOST_IP:]HOST_PORT:PORT[/tcp]` specification.
+//! The `-p, --publish [HOST_IP:]HOST_PORT:PORT[/tcp|/udp]` specification.
 //!
 //! The syntax follows docker and podman, so existing muscle memory works: `8080:80`,
-//! `127.0.0.1:8080:80`, `[::1]:8080:80`, `0:80` (the host picks a free port), and an optional `/tcp`.
+//! `127.0.0.1:8080:80`, `[::1]:8080:80`, `0:80` (the host picks a free port), and an optional `/tcp` or
+//! `/udp`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -11,12 +12,14 @@ use std::str::FromStr;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,
+    Udp,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
         }
     }
 }
@@ -60,9 +63,9 @@ impl fmt::Display for PublishSpec {
 /// Why a `--publish` value was rejected. Each message quotes the offending token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
-    #[error("'{0}' is empty; expected [HOST_IP:]HOST_PORT:PORT[/tcp], for example 8080:80")]
+    #[error("'{0}' is empty; expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp], for example 8080:80")]
     Empty(String),
-    #[error("'{spec}' has no host port; expected [HOST_IP:]HOST_PORT:PORT[/tcp], for example 8080:{spec}")]
+    #[error("'{spec}' has no host port; expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp], for example 8080:{spec}")]
     MissingHostPort { spec: String },
     #[error("'{token}' in '{spec}' is not a port; expected a number from {min} to 65535")]
     BadPort {
@@ -72,9 +75,9 @@ pub enum PublishError {
     },
     #[error("'{token}' in '{spec}' is not an IP address; write IPv6 addresses in brackets, as in [::1]:8080:80")]
     BadAddress { spec: String, token: String },
-    #[error("'{token}' in '{spec}' is not a supported protocol; use tcp")]
+    #[error("'{token}' in '{spec}' is not a supported protocol; use tcp or udp")]
     BadProtocol { spec: String, token: String },
-    #[error("'{spec}' has too many parts; expected [HOST_IP:]HOST_PORT:PORT[/tcp] (port ranges are not supported)")]
+    #[error("'{spec}' has too many parts; expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp] (port ranges are not supported)")]
     TooManyParts { spec: String },
 }
 
@@ -188,6 +191,7 @@ fn parse_port(spec: &str, token: &str, min: u16) -> Result<u16, PublishError> {
 fn parse_protocol(spec: &str, token: &str) -> Result<Protocol, PublishError> {
     match token.to_ascii_lowercase().as_str() {
         "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
         _ => Err(PublishError::BadProtocol {
             spec: spec.to_owned(),
             token: token.to_owned(),
@@ -239,6 +243,8 @@ mod tests {
     #[test]
     fn protocol_is_case_insensitive() {
         assert_eq!(ok("1:2/TCP").protocol, Protocol::Tcp);
+        assert_eq!(ok("5353:53/udp").protocol, Protocol::Udp);
+        assert_eq!(ok("[::]:5353:53/UDP").to_string(), "[::]:5353:53/udp");
     }
 
     #[test]
