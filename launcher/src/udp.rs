@@ -237,7 +237,10 @@ async fn replies(
                 }
             }
             Ok(Err(err)) if err.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                debug!(%peer, "nothing listens on the UDP port inside (yet)");
+                // Nothing listens where this flow points (the server may not have started when the
+                // flow opened): close it, so the next datagram picks the family again.
+                debug!(%peer, "nothing listens on the UDP port inside; closing the flow");
+                break;
             }
             Ok(Err(err)) => {
                 debug!(%peer, ?err, "UDP flow failed");

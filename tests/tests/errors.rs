@@ -50,7 +50,9 @@ fn a_host_port_in_use_is_named_with_the_fixes() {
     let (code, err) = fails(&["run", "-p", &format!("127.0.0.1:{port}:80"), "--", "true"]);
     assert_eq!(code, 125, "{err}");
     assert!(
-        err.contains(&format!("host port {port} on 127.0.0.1 is already in use")),
+        err.contains(&format!(
+            "host port {port}/tcp on 127.0.0.1 is already in use"
+        )),
         "{err}"
     );
     assert!(err.contains("use 0"), "{err}");

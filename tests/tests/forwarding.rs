@@ -1,0 +1,430 @@
+//! Forwarding that loses nothing: UDP, IPv6, real client addresses, socket activation, and host ports
+//! below 1024 through the file capability.
+
+use std::io::{Read, Write};
+use std::net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use lowport_tests::*;
+
+fn launch(publish: &[&str], extra: &[&str], server_args: &[&str]) -> Launch {
+    let mut cmd = lowport();
+    cmd.arg("run");
+    for p in publish {
+        cmd.args(["-p", p]);
+    }
+    cmd.args(["--ready-fd", "3"])
+        .args(extra)
+        .arg("--")
+        .arg(demo_server_bin())
+        .args(server_args);
+    Launch::start(cmd)
+}
+
+fn port_of(launch: &Launch, protocol: &str, family_v6: bool) -> u16 {
+    launch
+        .ports
+        .iter()
+        .find(|p| p.protocol == protocol && p.host_ip.contains(':') == family_v6)
+        .unwrap_or_else(|| panic!("no {protocol} port in {}", launch.ready_line))
+        .host_port
+}
+
+fn has_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// GET /whoami from a chosen local source address; returns the JSON and the client's own address.
+fn whoami_from(source: &str, to: SocketAddr) -> (serde_json::Value, SocketAddr) {
+    let src: SocketAddr = SocketAddr::new(source.parse().unwrap(), 0);
+    let sock = if src.is_ipv4() {
+        nix::sys::socket::AddressFamily::Inet
+    } else {
+        nix::sys::socket::AddressFamily::Inet6
+    };
+    let fd = nix::sys::socket::socket(
+        sock,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::SockaddrStorage::from(src),
+    )
+    .unwrap();
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::SockaddrStorage::from(to),
+    )
+    .unwrap();
+    let mut s = TcpStream::from(fd);
+    let me = s.local_addr().unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"GET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    let (status, body) = parse_response(&response).unwrap();
+    assert_eq!(status, 200);
+    (serde_json::from_slice(&body).unwrap(), me)
+}
+
+/// Sends one datagram of `len` bytes from `source` and returns demo-server's JSON reply and our address.
+fn udp_echo_from(source: &str, to: SocketAddr, len: usize) -> (serde_json::Value, SocketAddr) {
+    let sock = UdpSocket::bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let me = sock.local_addr().unwrap();
+    let payload = vec![b'x'; len];
+    let mut buf = vec![0u8; 65536];
+    // The server inside may still be starting: a lost datagram is retried, as a UDP client would.
+    let n = eventually("a UDP reply", || {
+        sock.send_to(&payload, to).ok()?;
+        sock.recv(&mut buf).ok()
+    });
+    (serde_json::from_slice(&buf[..n]).unwrap(), me)
+}
+
+#[test]
+fn tcp_server_sees_each_clients_own_address_and_port() {
+    let launch = launch(&["0:80"], &[], &[]);
+    wait_healthy(launch.addr());
+    let (who, me) = whoami_from("127.0.0.9", launch.addr());
+    assert_eq!(who["peer_ip"], "127.0.0.9", "{who}");
+    assert_eq!(who["peer_port"], me.port(), "{who}");
+    if has_ipv6() {
+        let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port_of(&launch, "tcp", true));
+        let (who, me) = whoami_from("::1", to);
+        assert_eq!(who["peer_ip"], "::1", "{who}");
+        assert_eq!(who["peer_port"], me.port(), "{who}");
+        assert_eq!(
+            who["local_addr"], "[::1]:80",
+            "an IPv6 client goes to IPv6 inside: {who}"
+        );
+    }
+}
+
+#[test]
+fn no_preserve_source_shows_the_relay_instead() {
+    let launch = launch(&["127.0.0.1:0:80"], &["--no-preserve-source"], &[]);
+    wait_healthy(launch.addr());
+    let (who, me) = whoami_from("127.0.0.9", launch.addr());
+    assert_eq!(who["peer_ip"], "127.0.0.1", "{who}");
+    assert_ne!(who["peer_port"], me.port(), "{who}");
+}
+
+#[test]
+fn udp_replies_go_back_to_each_client_with_its_address() {
+    let launch = launch(&["127.0.0.1:0:53/udp"], &[], &["--udp-echo", "53"]);
+    let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
+    let mut clients = Vec::new();
+    for source in ["127.0.0.9", "127.0.0.10", "127.0.0.1"] {
+        clients.push((source, udp_echo_from(source, to, 100)));
+    }
+    for (source, (reply, me)) in clients {
+        assert_eq!(reply["peer_ip"], source, "{reply}");
+        assert_eq!(reply["peer_port"], me.port(), "{reply}");
+        assert_eq!(reply["len"], 100);
+    }
+    // The largest IPv4 UDP payload arrives whole.
+    let (reply, _) = udp_echo_from("127.0.0.9", to, 65507);
+    assert_eq!(reply["len"], 65507, "{reply}");
+}
+
+#[test]
+fn udp_without_preserved_source_still_answers_the_right_client() {
+    let launch = launch(
+        &["127.0.0.1:0:53/udp"],
+        &["--no-preserve-source"],
+        &["--udp-echo", "53"],
+    );
+    let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
+    let (reply, _) = udp_echo_from("127.0.0.9", to, 10);
+    assert_eq!(reply["peer_ip"], "127.0.0.1", "{reply}");
+}
+
+#[test]
+fn udp_over_ipv6_and_fallback_to_an_ipv4_only_server() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let launch = launch(&["[::1]:0:53/udp"], &[], &["--udp-echo", "53"]);
+    let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), launch.host_port());
+    let (reply, me) = udp_echo_from("::1", to, 1000);
+    assert_eq!(reply["peer_ip"], "::1", "{reply}");
+    assert_eq!(reply["peer_port"], me.port(), "{reply}");
+    drop(launch);
+
+    let launch = launch_v4_only_udp();
+    let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), launch.host_port());
+    let (reply, _) = udp_echo_from("::1", to, 10);
+    assert_eq!(
+        reply["peer_ip"], "127.0.0.1",
+        "an IPv6 client of an IPv4-only server arrives as the relay: {reply}"
+    );
+}
+
+fn launch_v4_only_udp() -> Launch {
+    launch(
+        &["[::1]:0:53/udp"],
+        &[],
+        &["--bind", "0.0.0.0", "--udp-echo", "53"],
+    )
+}
+
+#[test]
+fn ipv4_clients_reach_an_ipv6_only_server() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let launch = launch(&["127.0.0.1:0:80"], &[], &["--bind", "::1"]);
+    wait_healthy(launch.addr());
+    let who = get_json(launch.addr(), "/whoami");
+    assert_eq!(who["local_addr"], "[::1]:80", "{who}");
+}
+
+#[test]
+fn ipv6_host_addresses_are_published() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    for spec in ["[::1]:0:80", "[::]:0:80"] {
+        let launch = launch(&[spec], &[], &[]);
+        assert_eq!(launch.ports.len(), 1, "{}", launch.ready_line);
+        assert!(
+            launch.ports[0].host_ip.contains(':'),
+            "{}",
+            launch.ready_line
+        );
+        let addr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), launch.host_port());
+        wait_healthy(addr);
+        assert_eq!(get_json(addr, "/whoami")["peer_ip"], "::1");
+    }
+}
+
+#[test]
+fn tcp_and_udp_share_one_port_number() {
+    // A port number free for both protocols on 127.0.0.1.
+    let port = eventually("a port free for TCP and UDP", || {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+        let port = t.local_addr().ok()?.port();
+        UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
+    });
+    let tcp = format!("127.0.0.1:{port}:53/tcp");
+    let udp = format!("127.0.0.1:{port}:53/udp");
+    let launch = launch(&[&tcp, &udp], &[], &["--port", "53", "--udp-echo", "53"]);
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_healthy(to);
+    assert_eq!(get_json(to, "/whoami")["local_addr"], "127.0.0.1:53");
+    let (reply, _) = udp_echo_from("127.0.0.1", to, 5);
+    assert_eq!(reply["len"], 5);
+    drop(launch);
+}
+
+#[test]
+fn idle_udp_flows_are_closed_after_the_timeout() {
+    let launch = launch(
+        &["127.0.0.1:0:53/udp"],
+        &["--udp-timeout", "300ms"],
+        &["--udp-echo", "53"],
+    );
+    let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", launch.child.id()))
+            .unwrap()
+            .count()
+    };
+    let (_, _) = udp_echo_from("127.0.0.9", to, 1);
+    let (_, _) = udp_echo_from("127.0.0.10", to, 1);
+    let with_flows = sockets();
+    eventually("the idle flows to close", || {
+        (sockets() <= with_flows - 2).then_some(())
+    });
+    // A new datagram from the same client opens a new flow.
+    let (reply, _) = udp_echo_from("127.0.0.9", to, 3);
+    assert_eq!(reply["len"], 3);
+}
+
+#[test]
+fn socket_activation_hands_the_host_socket_to_the_server() {
+    let launch = launch(&["127.0.0.1:0:80"], &["--socket-activation"], &[]);
+    wait_healthy(launch.addr());
+    let (who, me) = whoami_from("127.0.0.9", launch.addr());
+    assert_eq!(who["activated"], true, "{who}");
+    // Accepted straight from the host socket: the local address is the host's, not port 80 inside.
+    assert_eq!(
+        who["local_addr"],
+        format!("127.0.0.1:{}", launch.host_port()),
+        "{who}"
+    );
+    assert_eq!(who["peer_ip"], "127.0.0.9", "{who}");
+    assert_eq!(who["peer_port"], me.port(), "{who}");
+    // The server holds the host's listening socket, and lowport holds no copy: nothing is relayed.
+    let inode = listening_inode(launch.host_port()).expect("the host socket in /proc/net/tcp");
+    assert!(
+        socket_inodes(launch.pid).contains(&inode),
+        "demo-server holds the host socket"
+    );
+    assert!(
+        !socket_inodes(launch.child.id()).contains(&inode),
+        "lowport must not hold the host socket"
+    );
+}
+
+/// The inode of the listening TCP socket on `port` in the host's network namespace.
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1)?.ends_with(&want) && f.get(3)? == &"0A")
+            .then(|| f.get(9).map(|s| s.to_string()))?
+    })
+}
+
+fn socket_inodes(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn socket_activation_environment_follows_systemd() {
+    let (code, out, err) = run_to_end(lowport().args([
+        "run", "--socket-activation", "-p", "127.0.0.1:0:80", "-p", "127.0.0.1:0:53/udp", "--", "sh", "-c",
+        "echo $LISTEN_FDS $LISTEN_FDNAMES; [ \"$LISTEN_PID\" = $$ ] && echo pid-ok; ls /proc/self/fd/3 /proc/self/fd/4 >/dev/null && echo fds-ok",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "2 tcp-80:udp-53\npid-ok\nfds-ok\n", "{err}");
+}
+
+#[test]
+fn file_capability_binds_a_low_host_port_then_holds_nothing() {
+    let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
+    let setcap = ["/usr/sbin/setcap", "/sbin/setcap"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    if !require(
+        is_root() && setcap.is_some(),
+        "root and setcap (package libcap2-bin)",
+    ) || !require(start > 100, "a host where ports below 100 need privilege")
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lowport-setcap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("lowport");
+    std::fs::copy(lowport_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = std::process::Command::new(setcap.unwrap())
+        .arg("cap_net_bind_service=ep")
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A free port below 100 on 127.0.0.1.
+    let port = (20..100)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free low port");
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, &bin);
+    cmd.args([
+        "run",
+        "-p",
+        &format!("127.0.0.1:{port}:80"),
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_healthy(addr);
+    assert_eq!(get_json(addr, "/whoami")["uid"], 0);
+    let pid = launch.child.id();
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(), bin);
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(
+            proc_status_field(pid, set).unwrap(),
+            "0000000000000000",
+            "{set} of the running lowport"
+        );
+    }
+    drop(launch);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Clients with addresses that are not loopback: a network namespace of the test's own, with a veth
+/// pair carrying 10.99.0.1 and fd00:99::1, where lowport runs (as uid 65534) and the clients connect
+/// from those addresses. Inside lowport's namespace these addresses do not exist, which is the case
+/// the routing set-up is for.
+#[test]
+fn non_loopback_clients_keep_their_address() {
+    let tools = ["unshare", "ip", "curl", "bash"].iter().all(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !require(
+        is_root() && tools,
+        "root, unshare, ip (iproute2), curl and bash, to build a test network namespace",
+    ) {
+        return;
+    }
+    let script = r#"
+set -eu
+ip link set lo up
+ip link add lp0 type veth peer name lp1
+ip link set lp1 up
+ip addr add 10.99.0.1/24 dev lp0
+ip addr add fd00:99::1/64 dev lp0 nodad
+ip link set lp0 up
+ready=$(mktemp)
+setpriv --reuid=65534 --regid=65534 --clear-groups -- "$LOWPORT" run -p 0:80 -p 0:53/udp --ready-fd 3 -- \
+    "$DEMO" --udp-echo 53 3>"$ready" 2>/dev/null &
+lp=$!
+trap 'kill $lp 2>/dev/null; wait $lp 2>/dev/null; rm -f "$ready"' EXIT
+for i in $(seq 200); do [ -s "$ready" ] && break; sleep 0.05; done
+tcp=$(sed 's/.*"tcp","host_ip":"0.0.0.0","host_port":\([0-9]*\).*/\1/' "$ready")
+udp=$(sed 's/.*"udp","host_ip":"0.0.0.0","host_port":\([0-9]*\).*/\1/' "$ready")
+for i in $(seq 200); do curl -fs "http://127.0.0.1:$tcp/healthz" >/dev/null && break; sleep 0.05; done
+echo "tcp4 $(curl -fsS "http://10.99.0.1:$tcp/whoami" | grep '"peer_ip"')"
+echo "tcp6 $(curl -fsS -g "http://[fd00:99::1]:$tcp/whoami" | grep '"peer_ip"')"
+exec 4<>/dev/udp/10.99.0.1/$udp
+printf ping >&4
+# One read(2) takes one whole datagram (the shell's read would take a byte and lose the rest).
+reply=$(timeout 5 dd bs=65536 count=1 status=none <&4 || echo timeout)
+echo "udp4 $reply"
+"#;
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "bash", "-c", script])
+        .env("LOWPORT", lowport_bin())
+        .env("DEMO", demo_server_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("tcp4   \"peer_ip\": \"10.99.0.1\""),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("tcp6   \"peer_ip\": \"fd00:99::1\""),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("udp4 {\"peer_ip\":\"10.99.0.1\""),
+        "{stdout}{stderr}"
+    );
+}
