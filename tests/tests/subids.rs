@@ -97,3 +97,101 @@ fn single_maps_one_id_even_with_ranges() {
     let row: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
     assert_eq!(row, vec!["0".to_owned(), uid.to_string(), "1".to_owned()]);
 }
+
+/// nginx as users run it: its master is root inside and switches its workers to www-data, which exists
+/// inside only because the subordinate range is mapped.
+#[test]
+fn nginx_master_switches_its_workers_to_another_uid() {
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let www = nix::unistd::User::from_name("www-data").ok().flatten();
+    if !require(
+        nginx.is_some() && www.is_some(),
+        "nginx (package nginx-light) and the www-data user",
+    ) {
+        return;
+    }
+    let www_uid = u64::from(www.unwrap().uid.as_raw());
+    let dir = std::env::temp_dir().join(format!("lowport-nginx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(
+        dir.join("www/index.html"),
+        "served by nginx under lowport\n",
+    )
+    .unwrap();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser www-data www-data;\npid {d}/nginx.pid;\n\
+             error_log stderr warn;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 80; root {d}/www; }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    // The master (the test user, root inside) writes its pid and temporary files here.
+    nix::unistd::chown(
+        &dir,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args([
+        "run",
+        "--userns",
+        "subids",
+        "-p",
+        "127.0.0.1:0:80",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(nginx.unwrap())
+    .args(["-e", "stderr", "-p"])
+    .arg(&dir)
+    .arg("-c")
+    .arg(dir.join("nginx.conf"));
+    let launch = Launch::start(cmd);
+    let (status, body) = eventually("nginx to answer", || {
+        match http(launch.addr(), "GET", "/", b"") {
+            Ok((200, body)) => Some((200, body)),
+            _ => None,
+        }
+    });
+    assert_eq!(status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "served by nginx under lowport\n"
+    );
+
+    // On the host, the workers run as the subordinate uid that www-data maps to.
+    let expected = subid_start("/etc/subuid") + www_uid - 1;
+    let workers: Vec<u64> = descendants(launch.child.id())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("worker process")
+        })
+        .filter_map(|p| {
+            proc_status_field(p, "Uid")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(workers, vec![expected; 2], "worker uids on the host");
+    drop(launch);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
