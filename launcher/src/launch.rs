@@ -42,7 +42,8 @@ pub struct Config {
     pub userns: userns::Mode,
     pub port_start: u16,
     pub ready_fd: Option<RawFd>,
-    pub max_connections: usize,
+    /// The most relayed TCP connections at once; `None` sizes it to the open-file limit.
+    pub max_connections: Option<usize>,
     /// Relay from each client's own address, so the server sees who connects.
     pub preserve_source: bool,
     /// Hand the host sockets to the command (systemd's LISTEN_FDS) instead of relaying.
@@ -128,9 +129,14 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let gid = nix::unistd::getgid().as_raw();
     let plan = userns::plan(config.userns, uid, gid, &userns::Environment::default())?;
     debug!(?plan, "id mapping");
-    if let Err(err) = sys::raise_nofile_limit() {
+    let nofile = sys::raise_nofile_limit().unwrap_or_else(|err| {
         debug!(?err, "cannot raise the open-file limit");
-    }
+        1024
+    });
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(nofile));
+    debug!(max_connections, nofile, "connection limit");
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
@@ -209,18 +215,25 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .enable_all()
         .build()
         .map_err(LaunchError::io("start the runtime"))?;
-    let status = runtime.block_on(supervise(config, sockets, started, forwarded))?;
+    let status = runtime.block_on(supervise(
+        config,
+        max_connections,
+        sockets,
+        started,
+        forwarded,
+    ))?;
     runtime.shutdown_background();
     Ok(status)
 }
 
 async fn supervise(
     config: Config,
+    max_connections: usize,
     sockets: Vec<HostSocket>,
     started: Started,
     forwarded: SigSet,
 ) -> Result<i32, LaunchError> {
-    let limit = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut bound = Vec::new();
     for socket in sockets {
         bound.push((socket.spec.clone(), socket.addr));
@@ -283,6 +296,13 @@ async fn supervise(
             125
         }
     })
+}
+
+/// Each relayed connection holds two sockets and, while bytes flow, two pipes (four descriptors): the
+/// default keeps six per connection within the open-file limit, with room for lowport's own, and stops
+/// at 16384.
+pub fn default_max_connections(nofile: u64) -> usize {
+    (nofile.saturating_sub(64) / 6).clamp(16, 16384) as usize
 }
 
 /// Passes each forwarded signal to the pid-1 helper, which passes it to the command.
@@ -351,5 +371,17 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
     let mut file = std::fs::File::from(sys::own_raw(fd));
     if let Err(err) = file.write_all(line.as_bytes()) {
         warn!(?err, fd, "cannot write the readiness report");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_max_connections;
+
+    #[test]
+    fn connection_limit_follows_the_open_file_limit() {
+        assert_eq!(default_max_connections(1024), 160);
+        assert_eq!(default_max_connections(1 << 20), 16384);
+        assert_eq!(default_max_connections(40), 16);
     }
 }

@@ -60,10 +60,11 @@ struct RunArgs {
     #[arg(long, value_name = "FD")]
     ready_fd: Option<RawFd>,
 
-    /// The most relayed connections at once, over all published ports; beyond it new clients wait in
-    /// the host socket's backlog
-    #[arg(long, default_value_t = 16384, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
+    /// The most relayed TCP connections at once, over all published ports; beyond it new clients wait
+    /// in the host socket's backlog. Default: what the open-file limit allows (six descriptors per
+    /// connection), at most 16384
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
 
     /// Do not relay from each client's own address: the server then sees every client as 127.0.0.1 or
     /// ::1 (by default it sees the real address and port, over TCP and UDP)
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
         userns: args.userns,
         port_start: args.port_start,
         ready_fd: args.ready_fd,
-        max_connections: args.max_connections as usize,
+        max_connections: args.max_connections.map(|n| n as usize),
         preserve_source: !args.no_preserve_source,
         socket_activation: args.socket_activation,
         udp_timeout: args.udp_timeout,

@@ -1,0 +1,146 @@
+//! A bounded relay: a connection limit, back-off when descriptors run out, and no stall of the whole
+//! relay when one peer stops reading.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use lowport_tests::*;
+
+fn get(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s
+}
+
+fn read_all(mut s: TcpStream) -> (u16, Vec<u8>) {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    parse_response(&response).unwrap()
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let mut cmd = lowport();
+    cmd.args([
+        "run",
+        "-p",
+        "127.0.0.1:0:80",
+        "--max-connections",
+        "1",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    // One idle connection takes the only slot.
+    let idle = TcpStream::connect(launch.addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut waiting = get(launch.addr());
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let err = waiting
+        .read(&mut byte)
+        .expect_err("a second connection must wait while the first holds the slot");
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    drop(idle);
+    let (status, _) = read_all(waiting);
+    assert_eq!(status, 200, "served once the slot is free");
+}
+
+#[test]
+fn one_stalled_peer_does_not_stall_the_others() {
+    let mut cmd = lowport();
+    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--"])
+        .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    // This client uploads to /echo but never reads the echo: every buffer on its path fills up.
+    let mut stalled = TcpStream::connect(launch.addr()).unwrap();
+    stalled
+        .set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    stalled
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n")
+        .unwrap();
+    let chunk = vec![7u8; 1 << 16];
+    let mut sent = 0usize;
+    while stalled.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+        assert!(
+            sent < 1 << 30,
+            "the stalled upload never filled the buffers"
+        );
+    }
+    for _ in 0..20 {
+        let (status, body) = read_all(get(launch.addr()));
+        assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+    }
+    drop(stalled);
+}
+
+#[test]
+fn running_out_of_descriptors_backs_off_and_recovers() {
+    let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(prlimit) = prlimit else {
+        require(false, "prlimit (util-linux)");
+        return;
+    };
+    // 40 descriptors in all, soft and hard, so lowport cannot raise it; no connection limit of its own.
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, prlimit.as_ref());
+    cmd.args(["--nofile=40:40", "--"])
+        .arg(lowport_bin())
+        .args([
+            "run",
+            "-p",
+            "127.0.0.1:0:80",
+            "--max-connections",
+            "1000",
+            "--ready-fd",
+            "3",
+            "--",
+        ])
+        .arg(demo_server_bin());
+    let mut launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    let idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(launch.addr()).unwrap())
+        .collect();
+    // Some of these cannot be accepted now; lowport must neither exit nor spin.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        launch.child.try_wait().unwrap().is_none(),
+        "lowport must survive running out of descriptors"
+    );
+    drop(idle);
+    eventually(
+        "a request to succeed after the descriptors came back",
+        || {
+            let mut s = TcpStream::connect(launch.addr()).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut response = Vec::new();
+            s.read_to_end(&mut response).ok()?;
+            matches!(parse_response(&response), Ok((200, _))).then_some(())
+        },
+    );
+    launch.signal(nix::sys::signal::Signal::SIGTERM);
+    launch.wait();
+    let stderr = launch.stderr();
+    assert!(
+        stderr.contains("accept failed; backing off"),
+        "the shortage is reported: {stderr}"
+    );
+}
