@@ -428,3 +428,45 @@ echo "udp4 $reply"
         "{stdout}{stderr}"
     );
 }
+
+/// When the host lets unprivileged users bind low ports (its own ip_unprivileged_port_start), `-p 80:80`
+/// just works. The test sets that threshold in a network namespace of its own, not on the machine.
+#[test]
+fn host_sysctl_allowing_low_ports_makes_port_80_work() {
+    let tools = ["unshare", "curl"].iter().all(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !require(
+        is_root() && tools,
+        "root, unshare and curl, to build a test network namespace",
+    ) {
+        return;
+    }
+    let script = r#"
+set -eu
+echo 80 > /proc/sys/net/ipv4/ip_unprivileged_port_start
+ready=$(mktemp)
+setpriv --reuid=65534 --regid=65534 --clear-groups -- "$LOWPORT" run -p 127.0.0.1:80:80 --ready-fd 3 -- "$DEMO" 3>"$ready" &
+lp=$!
+trap 'kill $lp 2>/dev/null; wait $lp 2>/dev/null; rm -f "$ready"' EXIT
+for i in $(seq 200); do curl -fs http://127.0.0.1:80/healthz >/dev/null && break; sleep 0.05; done
+echo "whoami $(curl -fsS http://127.0.0.1:80/whoami | grep '"uid"')"
+"#;
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            "bash",
+            "-c",
+            &format!("ip link set lo up; {script}"),
+        ])
+        .env("LOWPORT", lowport_bin())
+        .env("DEMO", demo_server_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("whoami   \"uid\": 0,"), "{stdout}{stderr}");
+}
