@@ -96,11 +96,10 @@ impl Default for Environment {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsernsError {
-    #[error("--userns subids: {user} has no subordinate {kind} range in {file} (add one as root, for example: usermod --add-sub{short}s 100000-165535 {user}; or use --userns single)")]
+    #[error("--userns subids: {user} has no subordinate {kind} range in {file} (add one as root, for example: usermod --add-sub{kind}s 100000-165535 {user}; or use --userns single)")]
     NoSubids {
         user: String,
         kind: &'static str,
-        short: &'static str,
         file: String,
     },
     #[error("--userns subids: {tool} was not found in PATH (install it: apt install uidmap, or dnf install shadow-utils; or use --userns single)")]
@@ -159,9 +158,20 @@ pub fn plan(mode: Mode, uid: u32, gid: u32, env: &Environment) -> Result<Plan, U
         r
     })?;
 
-    let usable = !subuids.is_empty() && !subgids.is_empty();
-    match (mode, helpers) {
-        (Mode::Auto, (Some(newuidmap), Some(newgidmap))) if usable => Ok(Plan::Subids(SubidPlan {
+    let (newuidmap, newgidmap) = match (mode, helpers) {
+        (_, (Some(u), Some(g))) => (u, g),
+        (Mode::Auto, _) => return Ok(Plan::Single { uid, gid }),
+        (_, (None, _)) => return Err(UsernsError::NoHelper { tool: "newuidmap" }),
+        (_, (_, None)) => return Err(UsernsError::NoHelper { tool: "newgidmap" }),
+    };
+    let missing = [
+        ("uid", &subuids, &env.subuid),
+        ("gid", &subgids, &env.subgid),
+    ]
+    .into_iter()
+    .find(|(_, ranges, _)| ranges.is_empty());
+    match (mode, missing) {
+        (_, None) => Ok(Plan::Subids(SubidPlan {
             uid,
             gid,
             subuids,
@@ -169,36 +179,12 @@ pub fn plan(mode: Mode, uid: u32, gid: u32, env: &Environment) -> Result<Plan, U
             newuidmap,
             newgidmap,
         })),
-        (Mode::Auto, _) => Ok(Plan::Single { uid, gid }),
-        (_, (None, _)) => Err(UsernsError::NoHelper { tool: "newuidmap" }),
-        (_, (_, None)) => Err(UsernsError::NoHelper { tool: "newgidmap" }),
-        (_, (Some(newuidmap), Some(newgidmap))) => {
-            let who = user.unwrap_or_else(|| uid.to_string());
-            if subuids.is_empty() {
-                return Err(UsernsError::NoSubids {
-                    user: who,
-                    kind: "uid",
-                    short: "uid",
-                    file: env.subuid.display().to_string(),
-                });
-            }
-            if subgids.is_empty() {
-                return Err(UsernsError::NoSubids {
-                    user: who,
-                    kind: "gid",
-                    short: "gid",
-                    file: env.subgid.display().to_string(),
-                });
-            }
-            Ok(Plan::Subids(SubidPlan {
-                uid,
-                gid,
-                subuids,
-                subgids,
-                newuidmap,
-                newgidmap,
-            }))
-        }
+        (Mode::Auto, Some(_)) => Ok(Plan::Single { uid, gid }),
+        (_, Some((kind, _, file))) => Err(UsernsError::NoSubids {
+            user: user.unwrap_or_else(|| uid.to_string()),
+            kind,
+            file: file.display().to_string(),
+        }),
     }
 }
 

@@ -363,27 +363,49 @@ fn file_capability_binds_a_low_host_port_then_holds_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs `script` with bash as root in a new network namespace of the test's own, with `lo` up and
+/// $LOWPORT and $DEMO naming the binaries; returns its stdout, or None (after `require`) when the
+/// machine cannot do that.
+fn in_test_netns(script: &str) -> Option<String> {
+    let tools = ["unshare", "ip", "curl", "bash", "timeout", "dd"]
+        .iter()
+        .all(|t| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if !require(
+        is_root() && tools,
+        "root, unshare, ip (iproute2), curl, bash and coreutils, to build a test network namespace",
+    ) {
+        return None;
+    }
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            "bash",
+            "-c",
+            &format!("set -eu\nip link set lo up\n{script}"),
+        ])
+        .env("LOWPORT", lowport_bin())
+        .env("DEMO", demo_server_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    Some(stdout)
+}
+
 /// Clients with addresses that are not loopback: a network namespace of the test's own, with a veth
 /// pair carrying 10.99.0.1 and fd00:99::1, where lowport runs (as uid 65534) and the clients connect
 /// from those addresses. Inside lowport's namespace these addresses do not exist, which is the case
 /// the routing set-up is for.
 #[test]
 fn non_loopback_clients_keep_their_address() {
-    let tools = ["unshare", "ip", "curl", "bash"].iter().all(|t| {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !require(
-        is_root() && tools,
-        "root, unshare, ip (iproute2), curl and bash, to build a test network namespace",
-    ) {
-        return;
-    }
-    let script = r#"
-set -eu
-ip link set lo up
+    let Some(out) = in_test_netns(
+        r#"
 ip link add lp0 type veth peer name lp1
 ip link set lp1 up
 ip addr add 10.99.0.1/24 dev lp0
@@ -405,48 +427,21 @@ printf ping >&4
 # One read(2) takes one whole datagram (the shell's read would take a byte and lose the rest).
 reply=$(timeout 5 dd bs=65536 count=1 status=none <&4 || echo timeout)
 echo "udp4 $reply"
-"#;
-    let out = std::process::Command::new("unshare")
-        .args(["--net", "bash", "-c", script])
-        .env("LOWPORT", lowport_bin())
-        .env("DEMO", demo_server_bin())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("tcp4   \"peer_ip\": \"10.99.0.1\""),
-        "{stdout}{stderr}"
-    );
-    assert!(
-        stdout.contains("tcp6   \"peer_ip\": \"fd00:99::1\""),
-        "{stdout}{stderr}"
-    );
-    assert!(
-        stdout.contains("udp4 {\"peer_ip\":\"10.99.0.1\""),
-        "{stdout}{stderr}"
-    );
+"#,
+    ) else {
+        return;
+    };
+    assert!(out.contains("tcp4   \"peer_ip\": \"10.99.0.1\""), "{out}");
+    assert!(out.contains("tcp6   \"peer_ip\": \"fd00:99::1\""), "{out}");
+    assert!(out.contains("udp4 {\"peer_ip\":\"10.99.0.1\""), "{out}");
 }
 
 /// When the host lets unprivileged users bind low ports (its own ip_unprivileged_port_start), `-p 80:80`
 /// just works. The test sets that threshold in a network namespace of its own, not on the machine.
 #[test]
 fn host_sysctl_allowing_low_ports_makes_port_80_work() {
-    let tools = ["unshare", "curl"].iter().all(|t| {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !require(
-        is_root() && tools,
-        "root, unshare and curl, to build a test network namespace",
-    ) {
-        return;
-    }
-    let script = r#"
-set -eu
+    let Some(out) = in_test_netns(
+        r#"
 echo 80 > /proc/sys/net/ipv4/ip_unprivileged_port_start
 ready=$(mktemp)
 setpriv --reuid=65534 --regid=65534 --clear-groups -- "$LOWPORT" run -p 127.0.0.1:80:80 --ready-fd 3 -- "$DEMO" 3>"$ready" &
@@ -454,19 +449,9 @@ lp=$!
 trap 'kill $lp 2>/dev/null; wait $lp 2>/dev/null; rm -f "$ready"' EXIT
 for i in $(seq 200); do curl -fs http://127.0.0.1:80/healthz >/dev/null && break; sleep 0.05; done
 echo "whoami $(curl -fsS http://127.0.0.1:80/whoami | grep '"uid"')"
-"#;
-    let out = std::process::Command::new("unshare")
-        .args([
-            "--net",
-            "bash",
-            "-c",
-            &format!("ip link set lo up; {script}"),
-        ])
-        .env("LOWPORT", lowport_bin())
-        .env("DEMO", demo_server_bin())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("whoami   \"uid\": 0,"), "{stdout}{stderr}");
+"#,
+    ) else {
+        return;
+    };
+    assert!(out.contains("whoami   \"uid\": 0,"), "{out}");
 }
