@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 const CHUNK: usize = 64 * 1024;
 
 /// Where and how accepted connections go.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Target {
     /// The port inside the namespace.
     pub port: u16,
@@ -81,6 +81,12 @@ pub async fn serve(
     limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
+    // Small writes go out at once on both hops; accepted sockets inherit the option.
+    if let Err(err) =
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
+    {
+        debug!(?err, "cannot set TCP_NODELAY on a host socket");
+    }
     tokio::select! {
         () = accept_loop(&listener, &target, &limit) => {}
         () = shutdown => {}
@@ -97,7 +103,7 @@ async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaph
         match listener.accept().await {
             Ok((client, peer)) => {
                 backoff = Duration::from_millis(5);
-                let target = target.clone();
+                let target = *target;
                 tokio::spawn(async move {
                     if let Err(err) = handle(client, peer, &target).await {
                         debug!(%peer, ?err, "connection ended with an error");
@@ -134,7 +140,7 @@ fn is_resource_shortage(err: &io::Error) -> bool {
 
 async fn handle(client: TcpStream, peer: SocketAddr, target: &Target) -> io::Result<()> {
     let upstream = connect(target, &peer).await?;
-    client.set_nodelay(true)?;
+    // The client's socket inherits TCP_NODELAY from the listener (see `serve`).
     upstream.set_nodelay(true)?;
     relay(&client, &upstream).await
 }
@@ -215,10 +221,31 @@ struct Pipe {
     write: OwnedFd,
 }
 
+/// Empty pipes kept for reuse by each runtime thread, so a short connection costs no pipe2 and no
+/// closes: a direction that ends cleanly has drained its pipe completely.
+const POOLED_PIPES: usize = 64;
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPES.with(|pool| pool.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         Ok(Pipe { read, write })
+    }
+
+    /// Returns an empty pipe to this thread's pool.
+    fn give_back(self) {
+        PIPES.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOLED_PIPES {
+                pool.push(self);
+            }
+        });
     }
 }
 
@@ -232,14 +259,14 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
 /// The pipe is filled only when empty and then drained completely, so an EAGAIN from the fill always
 /// means the socket has no data (never that the pipe is full) and tokio's readiness stays exact.
 async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    // Created at the first byte: an idle connection costs no pipe.
+    // Taken at the first byte: an idle connection holds no pipe.
     let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
     loop {
         src.readable().await?;
         let p = match &pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::new()?),
+            None => pipe.insert(Pipe::take()?),
         };
         let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, CHUNK)) {
             Ok(0) => break,
@@ -263,7 +290,12 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         std::os::fd::AsRawFd::as_raw_fd(dst),
         nix::sys::socket::Shutdown::Write,
     ) {
-        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(total),
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {
+            if let Some(pipe) = pipe {
+                pipe.give_back();
+            }
+            Ok(total)
+        }
         Err(e) => Err(e.into()),
     }
 }
