@@ -6,6 +6,7 @@
 //! long-running forwarder holds no capability at all, in any namespace.
 
 use caps::CapSet;
+pub use caps::Capability;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CapsError {
@@ -36,13 +37,29 @@ pub fn drop_bounding() -> Result<(), CapsError> {
 /// Empties the ambient, inheritable, effective and permitted sets: once the permitted set is empty no
 /// capability can come back short of an exec.
 pub fn drop_all() -> Result<(), CapsError> {
+    drop_all_except(None)
+}
+
+/// Like [`drop_all`], but keeps `keep` in the effective and permitted sets if the process holds it.
+///
+/// A caller that is uid 0 needs CAP_SETFCAP when it creates its user namespace: since Linux 5.12 the
+/// kernel lets a namespace map the parent's uid 0 only if its creator held that capability.
+pub fn drop_all_except(keep: Option<Capability>) -> Result<(), CapsError> {
+    let kept: caps::CapsHashSet = keep
+        .filter(|cap| caps::has_cap(None, CapSet::Permitted, *cap).unwrap_or(false))
+        .into_iter()
+        .collect();
     for (set, name) in [
         (CapSet::Ambient, "ambient"),
         (CapSet::Inheritable, "inheritable"),
+    ] {
+        caps::clear(None, set).map_err(|source| CapsError::Drop { set: name, source })?;
+    }
+    for (set, name) in [
         (CapSet::Effective, "effective"),
         (CapSet::Permitted, "permitted"),
     ] {
-        caps::clear(None, set).map_err(|source| CapsError::Drop { set: name, source })?;
+        caps::set(None, set, &kept).map_err(|source| CapsError::Drop { set: name, source })?;
     }
     Ok(())
 }

@@ -73,8 +73,8 @@ pub fn allow_foreign_bind(fd: &impl AsFd) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// Serves one listener until `shutdown` completes. `limit` bounds the connections of every listener
-/// that shares it: when it is exhausted, accepting waits and new clients queue in the backlog.
+/// Serves one listener until `shutdown` completes. `limit` bounds the relayed connections of every
+/// listener that shares it: when it is exhausted, new clients wait (see `accept_loop`).
 pub async fn serve(
     listener: TcpListener,
     target: Target,
@@ -93,16 +93,20 @@ pub async fn serve(
     }
 }
 
+/// Accepts, then waits for a free slot before relaying. Taking the slot after `accept` matters when
+/// several listeners share the limit: a listener waiting for its next client must not hold a slot that
+/// another listener's client could use. While the limit is reached, each listener holds at most the one
+/// connection it has accepted, and later clients wait in the kernel's backlog.
 async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaphore>) {
     let mut backoff = Duration::from_millis(5);
     let local = listener.local_addr().ok();
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
         match listener.accept().await {
             Ok((client, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
                 let target = *target;
                 tokio::spawn(async move {
                     if let Err(err) = handle(client, peer, &target).await {
@@ -119,14 +123,10 @@ async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaph
                     delay_ms = backoff.as_millis() as u64,
                     "accept failed; backing off"
                 );
-                drop(permit);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(err) => {
-                debug!(?err, ?local, "accept failed");
-                drop(permit);
-            }
+            Err(err) => debug!(?err, ?local, "accept failed"),
         }
     }
 }

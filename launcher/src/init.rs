@@ -58,6 +58,8 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot run {program}: the interpreter on its #! line, or the dynamic loader it needs, does not exist")]
+    Interpreter { program: String },
     #[error("cannot run {program}: {source}")]
     Exec {
         program: String,
@@ -73,7 +75,7 @@ impl InitError {
     pub fn exit_code(&self) -> i32 {
         match self {
             InitError::NotFound { .. } => 127,
-            InitError::NotExecutable { .. } => 126,
+            InitError::NotExecutable { .. } | InitError::Interpreter { .. } => 126,
             _ => 125,
         }
     }
@@ -204,7 +206,12 @@ fn parse_report(
             MSG_EXEC_FAILED | MSG_FORK_FAILED => {
                 // The helper exits right after the command does; reap it so nothing is left.
                 let _ = waitpid(started.init, None);
-                return Err(if *tag == MSG_EXEC_FAILED {
+                return Err(if *tag == MSG_EXEC_FAILED && value == libc::ENOENT {
+                    // `precheck` found the file, so what is missing is what it needs to start.
+                    InitError::Interpreter {
+                        program: program.to_string_lossy().into_owned(),
+                    }
+                } else if *tag == MSG_EXEC_FAILED {
                     InitError::from_exec_errno(program, value)
                 } else {
                     InitError::Spawn(io::Error::from_raw_os_error(value))
@@ -270,6 +277,8 @@ fn helper_main(
     for fd in &activation {
         sys::close_raw(*fd);
     }
+    // Passing signals on and reaping need no capability; keep none, as the launcher does.
+    let _ = crate::capabilities::drop_bounding().and_then(|()| crate::capabilities::drop_all());
 
     loop {
         let Ok(sig) = sys::wait_for_signal(&waited) else {

@@ -114,10 +114,14 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         )
     })?;
     if let Some(fd) = config.ready_fd {
-        if fd <= 2 || !sys::fd_is_open(fd) {
+        if fd <= 2 {
             return Err(LaunchError::Usage(format!(
-                "--ready-fd {fd}: descriptor {fd} is not open{} (open it in the calling shell, as in {fd}>ready.json, or pass a pipe)",
-                if fd <= 2 { " for lowport's own use (0, 1 and 2 are the command's stdio)" } else { "" }
+                "--ready-fd {fd}: descriptors 0, 1 and 2 are the command's stdin, stdout and stderr; use 3 or above (as in --ready-fd 3 3>ready.json)"
+            )));
+        }
+        if !sys::fd_is_open(fd) {
+            return Err(LaunchError::Usage(format!(
+                "--ready-fd {fd}: descriptor {fd} is not open (open it in the calling shell, as in {fd}>ready.json, or pass a pipe)"
             )));
         }
         // The command must not hold the reader's pipe open: a reader waiting for end-of-file would
@@ -140,7 +144,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
-    capabilities::drop_all()?;
+    let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
+    capabilities::drop_all_except(creator_keeps)?;
     // A binary with a file capability starts non-dumpable, which makes /proc/self/uid_map unwritable
     // for its own user; with the capabilities gone there is nothing left to protect.
     if !nix::sys::prctl::get_dumpable().unwrap_or(true) {
@@ -168,7 +173,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     }
     match (&plan, helper) {
         (Plan::Single { uid, gid }, _) => {
-            userns::write_single_maps("/proc/self".as_ref(), *uid, *gid)?
+            userns::write_single_maps("/proc/self".as_ref(), &proc_sys, *uid, *gid)?
         }
         (Plan::Subids(_), Some(helper)) => helper.map()?,
         (Plan::Subids(_), None) => unreachable!("the helper is forked for every subids plan"),
@@ -205,6 +210,10 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let started = init::start(&command, &forwarded, &close_in_helper)?;
     debug!(init = %started.init, child = started.child_pid, "command started");
 
+    let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| LaunchError::io("read signals")(e.into()))?;
+    forward_pending(&signals, started.init, started.child_pid);
+
     // 7. Nothing from here on needs a capability, in any namespace.
     capabilities::drop_bounding()?;
     capabilities::drop_all()?;
@@ -220,7 +229,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         max_connections,
         sockets,
         started,
-        forwarded,
+        signals,
     ))?;
     runtime.shutdown_background();
     Ok(status)
@@ -231,7 +240,7 @@ async fn supervise(
     max_connections: usize,
     sockets: Vec<HostSocket>,
     started: Started,
-    forwarded: SigSet,
+    signals: SignalFd,
 ) -> Result<i32, LaunchError> {
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut bound = Vec::new();
@@ -270,8 +279,6 @@ async fn supervise(
         }
     }
 
-    let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| LaunchError::io("read signals")(e.into()))?;
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
     let init_pid = started.init;
     let child_pid = started.child_pid;
@@ -305,39 +312,70 @@ pub fn default_max_connections(nofile: u64) -> usize {
     (nofile.saturating_sub(64) / 6).clamp(16, 16384) as usize
 }
 
-/// Passes each forwarded signal to the pid-1 helper, which passes it to the command.
-///
-/// A signal that the terminal generated (Ctrl-C, a resize, a hang-up) went to the whole foreground
-/// process group; when the command is in lowport's group it has already received it, and a second
-/// copy would make, say, Python raise KeyboardInterrupt twice.
+/// Passes each forwarded signal to the pid-1 helper, for as long as lowport runs.
 async fn forward_signals(signals: AsyncFd<SignalFd>, init: nix::unistd::Pid, child: u32) {
-    let own_group = nix::unistd::getpgrp();
     loop {
         let Ok(mut guard) = signals.readable().await else {
             return;
         };
-        let info = match guard.try_io(|fd| fd.get_ref().read_signal().map_err(io::Error::from)) {
-            Ok(Ok(Some(info))) => info,
-            Ok(Ok(None)) | Err(_) => continue,
-            Ok(Err(err)) => {
-                warn!(?err, "cannot read a signal");
-                return;
+        // Read until the queue is empty: only a WouldBlock clears the readiness, which is what makes
+        // the next `readable()` wait.
+        loop {
+            match guard.try_io(|fd| read_one(fd.get_ref())) {
+                Ok(Ok(info)) => forward_signal(&info, init, child, true),
+                Ok(Err(err)) => {
+                    warn!(
+                        ?err,
+                        "cannot read a signal; signals are no longer forwarded"
+                    );
+                    return;
+                }
+                Err(_would_block) => break,
             }
-        };
-        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
-            continue;
-        };
-        let from_terminal = info.ssi_code == libc::SI_KERNEL;
-        let same_group = child != 0
-            && nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(child as i32))).ok()
-                == Some(own_group);
-        if from_terminal && same_group {
-            debug!(?sig, "terminal signal already reached the command");
-            continue;
         }
-        debug!(?sig, "forwarding");
-        let _ = nix::sys::signal::kill(init, sig);
     }
+}
+
+fn read_one(fd: &SignalFd) -> io::Result<nix::sys::signalfd::siginfo> {
+    match fd.read_signal() {
+        Ok(Some(info)) => Ok(info),
+        Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Forwards signals that arrived while the command was being set up. Until the command existed, a
+/// terminal's Ctrl-C could not reach it, so these are forwarded whatever their source.
+fn forward_pending(signals: &SignalFd, init: nix::unistd::Pid, child: u32) {
+    while let Ok(info) = read_one(signals) {
+        forward_signal(&info, init, child, false);
+    }
+}
+
+/// Passes one signal to the pid-1 helper, which passes it to the command.
+///
+/// A signal that the terminal generated (Ctrl-C, a resize, a hang-up) went to the whole foreground
+/// process group; when the command is in lowport's group it has already received it, and a second
+/// copy would make, say, Python raise KeyboardInterrupt twice. `dedup` is false for signals that
+/// arrived before the command existed.
+fn forward_signal(
+    info: &nix::sys::signalfd::siginfo,
+    init: nix::unistd::Pid,
+    child: u32,
+    dedup: bool,
+) {
+    let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+        return;
+    };
+    if dedup && info.ssi_code == libc::SI_KERNEL && child != 0 {
+        let group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(child as i32)));
+        if group.ok() == Some(nix::unistd::getpgrp()) {
+            debug!(?sig, "terminal signal already reached the command");
+            return;
+        }
+    }
+    debug!(?sig, "forwarding");
+    let _ = nix::sys::signal::kill(init, sig);
 }
 
 #[derive(serde::Serialize)]

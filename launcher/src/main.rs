@@ -88,7 +88,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_level.as_deref());
+    if let Err(message) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("lowport: {message}");
+        return ExitCode::from(2);
+    }
     let Command::Run(args) = cli.command;
     let config = lowport::Config {
         publish: args.publish,
@@ -136,17 +139,24 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn init_logging(level: Option<&str>) {
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let wanted = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("LOWPORT_LOG").ok());
-    let filter = wanted
-        .and_then(|w| EnvFilter::try_new(w).ok())
-        .unwrap_or_else(|| EnvFilter::new("warn"));
+    let (wanted, source) = match level {
+        Some(level) => (Some(level.to_owned()), "--log-level"),
+        None => (std::env::var("LOWPORT_LOG").ok(), "LOWPORT_LOG"),
+    };
+    let filter = match wanted {
+        Some(w) => EnvFilter::try_new(&w).map_err(|e| {
+            format!("{source} '{w}' is not a level or filter ({e}); use error, warn, info, debug or trace")
+        })?,
+        None => EnvFilter::new("warn"),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    Ok(())
 }

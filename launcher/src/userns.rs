@@ -252,12 +252,36 @@ pub fn diagnose_unshare(err: nix::errno::Errno, proc_sys: &Path) -> UsernsError 
 }
 
 /// Writes the single-id maps for the calling process, which has just entered a new user namespace.
-/// `proc_self` is normally /proc/self.
-pub fn write_single_maps(proc_self: &Path, uid: u32, gid: u32) -> Result<(), UsernsError> {
-    write_proc(&proc_self.join("setgroups"), "deny")?;
-    write_proc(&proc_self.join("uid_map"), &format!("0 {uid} 1\n"))?;
-    write_proc(&proc_self.join("gid_map"), &format!("0 {gid} 1\n"))?;
+/// `proc_self` is normally /proc/self, `proc_sys` /proc/sys (read only to explain a refusal).
+pub fn write_single_maps(
+    proc_self: &Path,
+    proc_sys: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), UsernsError> {
+    let writes = [
+        ("setgroups", "deny".to_owned()),
+        ("uid_map", format!("0 {uid} 1\n")),
+        ("gid_map", format!("0 {gid} 1\n")),
+    ];
+    for (file, content) in writes {
+        write_proc(&proc_self.join(file), &content)
+            .map_err(|err| explain_map_refusal(err, proc_sys))?;
+    }
     Ok(())
+}
+
+/// Ubuntu's AppArmor restriction (23.10 and later) lets `unshare` succeed and refuses the maps
+/// instead. Its switch may be unreadable for ordinary users, so its presence is what counts.
+fn explain_map_refusal(err: UsernsError, proc_sys: &Path) -> UsernsError {
+    let refused = matches!(&err, UsernsError::WriteMap { source, .. } if source.raw_os_error() == Some(libc::EPERM));
+    let switch = proc_sys.join("kernel/apparmor_restrict_unprivileged_userns");
+    let restricted = fs::read_to_string(&switch).map_or(switch.exists(), |v| v.trim() != "0");
+    if refused && restricted {
+        UsernsError::AppArmor
+    } else {
+        err
+    }
 }
 
 fn write_proc(path: &Path, content: &str) -> Result<(), UsernsError> {
@@ -528,12 +552,45 @@ mod tests {
     }
 
     #[test]
+    fn refused_maps_under_apparmor_name_the_switch() {
+        let dir = tempdir("apparmor");
+        let refused = || UsernsError::WriteMap {
+            file: "uid_map".into(),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let sys = dir.join("sys");
+        assert!(matches!(
+            explain_map_refusal(refused(), &sys),
+            UsernsError::WriteMap { .. }
+        ));
+        fs::write(
+            sys.join("kernel/apparmor_restrict_unprivileged_userns"),
+            "0\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            explain_map_refusal(refused(), &sys),
+            UsernsError::WriteMap { .. }
+        ));
+        fs::write(
+            sys.join("kernel/apparmor_restrict_unprivileged_userns"),
+            "1\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            explain_map_refusal(refused(), &sys),
+            UsernsError::AppArmor
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn single_maps_are_written_in_order() {
         let dir = tempdir("maps");
         for f in ["setgroups", "uid_map", "gid_map"] {
             fs::write(dir.join(f), "").unwrap();
         }
-        write_single_maps(&dir, 1000, 100).unwrap();
+        write_single_maps(&dir, &dir.join("sys"), 1000, 100).unwrap();
         assert_eq!(fs::read_to_string(dir.join("setgroups")).unwrap(), "deny");
         assert_eq!(
             fs::read_to_string(dir.join("uid_map")).unwrap(),

@@ -144,3 +144,28 @@ fn which(tool: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
 }
+
+#[test]
+fn stdio_as_ready_fd_is_bad_usage() {
+    let (code, err) = fails(&["run", "--ready-fd", "1", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("use 3 or above"), "{err}");
+}
+
+#[test]
+fn a_bad_log_level_is_bad_usage() {
+    let (code, err) = fails(&["--log-level", "debug[", "run", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a level or filter"), "{err}");
+}
+
+#[test]
+fn a_script_with_a_missing_interpreter_exits_126() {
+    let script = bin_dir().join("bad-interpreter.sh");
+    std::fs::write(&script, "#!/nonexistent/sh\necho hi\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, err) = fails(&["run", "--", script.to_str().unwrap()]);
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("interpreter on its #! line"), "{err}");
+}

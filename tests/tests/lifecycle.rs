@@ -177,3 +177,84 @@ fn the_command_sees_uid_0_in_an_interactive_shell() {
     assert!(out.contains("uid=0 tty=yes"), "shell output: {out:?}");
     assert_eq!(exit_code(status), 3, "shell output: {out:?}");
 }
+
+/// A forwarded signal must leave the relay as it was: serving, and idle when there is no traffic.
+#[test]
+fn the_relay_keeps_serving_after_forwarded_signals() {
+    let mut cmd = lowport();
+    // demo-server ignores SIGHUP and SIGWINCH (an ignored disposition survives exec).
+    cmd.args([
+        "run",
+        "-p",
+        "127.0.0.1:0:80",
+        "--ready-fd",
+        "3",
+        "--",
+        "sh",
+        "-c",
+    ])
+    .arg(format!("trap '' HUP; exec {}", demo_server_bin().display()));
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    for sig in [Signal::SIGHUP, Signal::SIGWINCH, Signal::SIGHUP] {
+        launch.signal(sig);
+        for _ in 0..5 {
+            let (status, _) =
+                http(launch.addr(), "GET", "/healthz", b"").expect("served after a signal");
+            assert_eq!(status, 200);
+        }
+    }
+    // Idle now: a thread left spinning on the signal queue would burn a whole CPU.
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", launch.child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_millis(1000));
+    let used = cpu_ticks() - before;
+    assert!(
+        used < 30,
+        "lowport used {used} ticks of CPU in one idle second"
+    );
+}
+
+#[test]
+fn root_can_run_lowport_too() {
+    // uid 0 is the caller in containers and in nested use; the kernel then needs CAP_SETFCAP at unshare.
+    let (code, out, err) = if is_root() {
+        run_to_end(std::process::Command::new(lowport_bin()).args([
+            "run",
+            "--",
+            "cat",
+            "/proc/self/uid_map",
+        ]))
+    } else {
+        run_to_end(lowport().args(["run", "--"]).arg(lowport_bin()).args([
+            "run",
+            "--",
+            "cat",
+            "/proc/self/uid_map",
+        ]))
+    };
+    assert_eq!(code, 0, "{err}");
+    let row: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(row, ["0", "0", "1"], "{out}");
+}
+
+#[test]
+fn lowport_runs_inside_lowport() {
+    let (code, out, err) = run_to_end(
+        lowport()
+            .args(["run", "--"])
+            .arg(lowport_bin())
+            .args(["run", "--", "id", "-u"]),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "0\n");
+}

@@ -144,3 +144,27 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
         "the shortage is reported: {stderr}"
     );
 }
+
+#[test]
+fn a_limit_of_one_serves_both_families_in_turn() {
+    // Two listeners (0.0.0.0 and [::]) share the one slot; a listener waiting for clients must not
+    // keep it from the other.
+    let mut cmd = lowport();
+    cmd.args([
+        "run",
+        "-p",
+        "0:80",
+        "--max-connections",
+        "1",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    for _ in 0..5 {
+        let (status, _) = read_all(get(launch.addr()));
+        assert_eq!(status, 200);
+    }
+}

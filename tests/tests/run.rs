@@ -66,6 +66,19 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, lowport_bin(), "the process checked is lowport itself");
+    // The pid-1 helper that forwards signals keeps nothing either; only the command is root inside.
+    let helper = *descendants(pid).first().expect("the pid-1 helper");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{helper}/exe")).unwrap(),
+        lowport_bin()
+    );
+    for set in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(
+            proc_status_field(helper, set).unwrap(),
+            "0000000000000000",
+            "{set} of the helper"
+        );
+    }
 }
 
 #[test]
