@@ -129,8 +129,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         sys::set_cloexec(fd, true).map_err(LaunchError::io("mark --ready-fd close-on-exec"))?;
     }
     init::precheck(program)?;
-    let uid = nix::unistd::getuid().as_raw();
-    let gid = nix::unistd::getgid().as_raw();
+    // The kernel lets a process map only its effective ids into the namespace it creates.
+    let uid = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
     let plan = userns::plan(config.userns, uid, gid, &userns::Environment::default())?;
     debug!(?plan, "id mapping");
     let nofile = sys::raise_nofile_limit().unwrap_or_else(|err| {

@@ -139,6 +139,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
 fn init_logging(level: Option<&str>) -> Result<(), String> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
@@ -146,16 +148,26 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
         Some(level) => (Some(level.to_owned()), "--log-level"),
         None => (std::env::var("LOWPORT_LOG").ok(), "LOWPORT_LOG"),
     };
+    let bad = |w: &str, why: &str| {
+        format!("{source} '{w}' is not a level or filter ({why}); use error, warn, info, debug or trace")
+    };
     let filter = match wanted {
-        Some(w) => EnvFilter::try_new(&w).map_err(|e| {
-            format!("{source} '{w}' is not a level or filter ({e}); use error, warn, info, debug or trace")
-        })?,
+        // A bare word is a target name to tracing's parser; here it is almost surely a mistyped level.
+        Some(w)
+            if !w.contains(['=', ',']) && !LEVELS.contains(&w.to_ascii_lowercase().as_str()) =>
+        {
+            return Err(bad(&w, "unknown level"));
+        }
+        Some(w) => EnvFilter::try_new(&w).map_err(|e| bad(&w, &e.to_string()))?,
         None => EnvFilter::new("warn"),
     };
+    // Colours only on a terminal, and not when the user opted out (https://no-color.org).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(colour)
         .with_target(false)
         .init();
     Ok(())

@@ -118,6 +118,12 @@ pub enum UsernsError {
     UnprivilegedClone,
     #[error("cannot create a user namespace: AppArmor restricts them for unprivileged users (kernel.apparmor_restrict_unprivileged_userns is 1; allow them as root with sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give lowport an AppArmor profile with the 'userns' permission)")]
     AppArmor,
+    #[error("cannot write {file}: {source}; AppArmor's restriction of user namespaces is on (kernel.apparmor_restrict_unprivileged_userns), which refuses the id maps of unprivileged users (allow them as root with sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give lowport an AppArmor profile with the 'userns' permission)")]
+    AppArmorMaps {
+        file: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create a user namespace: {0} (are user namespaces allowed here? a container or a seccomp filter may forbid them; see docs/troubleshooting.md)")]
     Unshare(#[source] io::Error),
     #[error("cannot write {file}: {source}")]
@@ -274,13 +280,15 @@ pub fn write_single_maps(
 /// Ubuntu's AppArmor restriction (23.10 and later) lets `unshare` succeed and refuses the maps
 /// instead. Its switch may be unreadable for ordinary users, so its presence is what counts.
 fn explain_map_refusal(err: UsernsError, proc_sys: &Path) -> UsernsError {
-    let refused = matches!(&err, UsernsError::WriteMap { source, .. } if source.raw_os_error() == Some(libc::EPERM));
     let switch = proc_sys.join("kernel/apparmor_restrict_unprivileged_userns");
     let restricted = fs::read_to_string(&switch).map_or(switch.exists(), |v| v.trim() != "0");
-    if refused && restricted {
-        UsernsError::AppArmor
-    } else {
-        err
+    match err {
+        UsernsError::WriteMap { file, source }
+            if restricted && source.raw_os_error() == Some(libc::EPERM) =>
+        {
+            UsernsError::AppArmorMaps { file, source }
+        }
+        other => other,
     }
 }
 
@@ -579,7 +587,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             explain_map_refusal(refused(), &sys),
-            UsernsError::AppArmor
+            UsernsError::AppArmorMaps { .. }
         ));
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -169,3 +169,11 @@ fn a_script_with_a_missing_interpreter_exits_126() {
     assert_eq!(code, 126, "{err}");
     assert!(err.contains("interpreter on its #! line"), "{err}");
 }
+
+#[test]
+fn a_mistyped_log_level_is_bad_usage() {
+    // tracing's filter syntax would take a bare word as a target and silence every log line.
+    let (code, err) = fails(&["--log-level", "verbose", "run", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'verbose' is not a level"), "{err}");
+}
