@@ -220,7 +220,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     capabilities::drop_all()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)))
+        .worker_threads(relay_threads(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ))
         .thread_name("lowport")
         .enable_all()
         .build()
@@ -304,6 +306,14 @@ async fn supervise(
             125
         }
     })
+}
+
+/// The relay shares the machine with the server it serves and, in benchmarks and on laptops, with the
+/// clients: half the CPUs, at most four. With two CPUs one relay thread did as well as two on
+/// keep-alive requests and better on a single bulk stream, which two threads bounce between CPUs
+/// (docs/benchmarks.md).
+pub fn relay_threads(cpus: usize) -> usize {
+    (cpus / 2).clamp(1, 4)
 }
 
 /// Each relayed connection holds two sockets and, while bytes flow, two pipes (four descriptors): the
@@ -416,6 +426,14 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
 #[cfg(test)]
 mod tests {
     use super::default_max_connections;
+
+    #[test]
+    fn relay_threads_take_half_the_cpus() {
+        assert_eq!(super::relay_threads(1), 1);
+        assert_eq!(super::relay_threads(2), 1);
+        assert_eq!(super::relay_threads(8), 4);
+        assert_eq!(super::relay_threads(64), 4);
+    }
 
     #[test]
     fn connection_limit_follows_the_open_file_limit() {
