@@ -28,5 +28,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Benchmarks against direct loopback, rootlesskit and pasta; writes docs/benchmarks.md and .png.
+# As root it installs the peers from Debian's packages. Not part of `test` or CI.
+# `make bench BENCH_QUICK=1` is a short smoke run, written under target/bench/ instead.
+BENCH_PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
+bench: release
+	@BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) scripts/bench/bench.py
+
 clean:
 	$(CARGO) clean
