@@ -25,6 +25,10 @@ use tracing::{debug, warn};
 /// How many bytes one splice asks for; a default pipe holds 16 pages.
 const CHUNK: usize = 64 * 1024;
 
+/// A direction that has moved this much is a bulk transfer, and its pipe grows to [`BULK_PIPE`].
+const BULK_AFTER: u64 = 4 << 20;
+const BULK_PIPE: usize = 1 << 20;
+
 /// Where and how accepted connections go.
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
@@ -219,6 +223,8 @@ pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Bytes one splice asks for: the pipe's capacity.
+    chunk: usize,
 }
 
 /// Empty pipes kept for reuse by each runtime thread, so a short connection costs no pipe2 and no
@@ -235,11 +241,30 @@ impl Pipe {
             return Ok(pipe);
         }
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        Ok(Pipe { read, write })
+        Ok(Pipe {
+            read,
+            write,
+            chunk: CHUNK,
+        })
     }
 
-    /// Returns an empty pipe to this thread's pool.
+    /// Grows an (empty) pipe for a bulk transfer: fewer, larger splices. The kernel refuses beyond
+    /// fs.pipe-max-size or the user's pipe-user-pages-soft, and then the pipe just stays as it was.
+    fn enlarge(&mut self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.write);
+        if let Ok(size) =
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(BULK_PIPE as i32))
+        {
+            self.chunk = size as usize;
+        }
+    }
+
+    /// Returns an empty pipe to this thread's pool; a grown one is closed instead, so the pool holds
+    /// only default-sized pipes and the user's pipe memory stays small.
     fn give_back(self) {
+        if self.chunk != CHUNK {
+            return;
+        }
         PIPES.with(|pool| {
             let mut pool = pool.borrow_mut();
             if pool.len() < POOLED_PIPES {
@@ -264,11 +289,15 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
-        let p = match &pipe {
+        let p = match &mut pipe {
             Some(p) => p,
             None => pipe.insert(Pipe::take()?),
         };
-        let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, CHUNK)) {
+        if total >= BULK_AFTER && p.chunk == CHUNK {
+            p.enlarge();
+        }
+        let p = &*p;
+        let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, p.chunk)) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
