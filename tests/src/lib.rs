@@ -365,6 +365,18 @@ pub fn wait_healthy(addr: SocketAddr) {
     });
 }
 
+/// `lowport run -p PUBLISH --ready-fd 3 OPTIONS -- demo-server`, once demo-server answers /healthz.
+pub fn start_demo(publish: &str, options: &[&str]) -> Launch {
+    let mut cmd = lowport();
+    cmd.args(["run", "-p", publish, "--ready-fd", "3"])
+        .args(options)
+        .arg("--")
+        .arg(demo_server_bin());
+    let launch = Launch::start(cmd);
+    wait_healthy(launch.addr());
+    launch
+}
+
 pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
     let (status, body) = http(addr, "GET", path, b"").expect("GET");
     assert_eq!(

@@ -23,20 +23,7 @@ fn read_all(mut s: TcpStream) -> (u16, Vec<u8>) {
 
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "-p",
-        "127.0.0.1:0:80",
-        "--max-connections",
-        "1",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(demo_server_bin());
-    let launch = Launch::start(cmd);
-    wait_healthy(launch.addr());
+    let launch = start_demo("127.0.0.1:0:80", &["--max-connections", "1"]);
     // One idle connection takes the only slot.
     let idle = TcpStream::connect(launch.addr()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -149,20 +136,7 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
 fn a_limit_of_one_serves_both_families_in_turn() {
     // Two listeners (0.0.0.0 and [::]) share the one slot; a listener waiting for clients must not
     // keep it from the other.
-    let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "-p",
-        "0:80",
-        "--max-connections",
-        "1",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(demo_server_bin());
-    let launch = Launch::start(cmd);
-    wait_healthy(launch.addr());
+    let launch = start_demo("0:80", &["--max-connections", "1"]);
     for _ in 0..5 {
         let (status, _) = read_all(get(launch.addr()));
         assert_eq!(status, 200);

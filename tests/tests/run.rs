@@ -6,14 +6,7 @@ use std::net::{Shutdown, TcpStream};
 use lowport_tests::*;
 
 fn demo(extra: &[&str]) -> Launch {
-    let mut cmd = lowport();
-    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3"])
-        .args(extra)
-        .arg("--")
-        .arg(demo_server_bin());
-    let launch = Launch::start(cmd);
-    wait_healthy(launch.addr());
-    launch
+    start_demo("127.0.0.1:0:80", extra)
 }
 
 #[test]
