@@ -13,7 +13,9 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags};
@@ -28,6 +30,14 @@ const CHUNK: usize = 64 * 1024;
 /// A direction that has moved this much is a bulk transfer, and its pipe grows to [`BULK_PIPE`].
 const BULK_AFTER: u64 = 4 << 20;
 const BULK_PIPE: usize = 1 << 20;
+
+/// How relayed TCP connections are bounded in time.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// A connection that one side has closed is released after this long without a byte moving: a
+    /// client that never closes after the server did must not hold a slot for ever.
+    pub half_closed_timeout: Duration,
+}
 
 /// Where and how accepted connections go.
 #[derive(Clone, Copy, Debug)]
@@ -51,12 +61,73 @@ impl Target {
         }
     }
 
-    /// The source address for a connection to `inner` on behalf of `client`, when it is preserved and
-    /// the families agree (an IPv6 client relayed to an IPv4-only server cannot keep its address).
-    pub fn source_for(&self, client: SocketAddr, inner: SocketAddr) -> Option<SocketAddr> {
+    /// The source address for a connection to `inner` on behalf of `client`: what the server will
+    /// see as its peer. The promise: a client is shown as a loopback address only when it is on the
+    /// host's loopback.
+    ///
+    /// - The client's own address and port, when they are preserved and the families agree.
+    /// - An IPv6 client of an IPv4 socket inside: RFC 7600's 192.0.0.8 (127.0.0.1 for ::1).
+    /// - An IPv4 client of an IPv6 socket inside: its address in RFC 6052's 64:ff9b::/96 (::1 for
+    ///   127.0.0.0/8).
+    /// - With `preserve_source` off: 127.0.0.1 or ::1 for a loopback client, 192.0.0.8 or
+    ///   64:ff9b::c000:8 for any other, with a port the kernel picks.
+    pub fn source_for(&self, client: SocketAddr, inner: SocketAddr) -> SocketAddr {
         let client = unmapped(client);
-        (self.preserve_source && client.is_ipv4() == inner.is_ipv4()).then_some(client)
+        let loopback = client.ip().is_loopback();
+        let ip = match (client.ip(), inner.is_ipv4()) {
+            _ if loopback && inner.is_ipv4() => {
+                if self.preserve_source && client.is_ipv4() {
+                    client.ip()
+                } else {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                }
+            }
+            _ if loopback => {
+                if self.preserve_source && client.is_ipv6() {
+                    client.ip()
+                } else {
+                    IpAddr::V6(Ipv6Addr::LOCALHOST)
+                }
+            }
+            _ if !self.preserve_source => {
+                if inner.is_ipv4() {
+                    IpAddr::V4(RELAY_V4)
+                } else {
+                    IpAddr::V6(nat64(RELAY_V4))
+                }
+            }
+            (IpAddr::V4(_), true) | (IpAddr::V6(_), false) => client.ip(),
+            (IpAddr::V6(_), true) => IpAddr::V4(RELAY_V4),
+            (IpAddr::V4(v4), false) => IpAddr::V6(nat64(v4)),
+        };
+        let port = if self.preserve_source {
+            client.port()
+        } else {
+            0
+        };
+        SocketAddr::new(ip, port)
     }
+}
+
+/// RFC 7600's IPv4 "dummy" address, for a client that cannot be shown with an IPv4 address of its own:
+/// an IPv6 client of an IPv4-only server, or any client that is not on the host's loopback when source
+/// addresses are not preserved.
+pub const RELAY_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
+
+/// `v4` inside RFC 6052's well-known prefix 64:ff9b::/96, the usual way to write an IPv4 address where
+/// an IPv6 one is expected (NAT64).
+pub fn nat64(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(
+        0x64,
+        0xff9b,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
 }
 
 /// An IPv4 client seen through an IPv4-mapped IPv6 address, as the IPv4 address it is.
@@ -82,6 +153,7 @@ pub fn allow_foreign_bind(fd: &impl AsFd) -> io::Result<()> {
 pub async fn serve(
     listener: TcpListener,
     target: Target,
+    options: Options,
     limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -92,7 +164,7 @@ pub async fn serve(
         debug!(?err, "cannot set TCP_NODELAY on a host socket");
     }
     tokio::select! {
-        () = accept_loop(&listener, &target, &limit) => {}
+        () = accept_loop(&listener, &target, options, &limit) => {}
         () = shutdown => {}
     }
 }
@@ -101,7 +173,12 @@ pub async fn serve(
 /// several listeners share the limit: a listener waiting for its next client must not hold a slot that
 /// another listener's client could use. While the limit is reached, each listener holds at most the one
 /// connection it has accepted, and later clients wait in the kernel's backlog.
-async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaphore>) {
+async fn accept_loop(
+    listener: &TcpListener,
+    target: &Target,
+    options: Options,
+    limit: &Arc<Semaphore>,
+) {
     let mut backoff = Duration::from_millis(5);
     let local = listener.local_addr().ok();
     loop {
@@ -113,7 +190,7 @@ async fn accept_loop(listener: &TcpListener, target: &Target, limit: &Arc<Semaph
                 };
                 let target = *target;
                 tokio::spawn(async move {
-                    if let Err(err) = handle(client, peer, &target).await {
+                    if let Err(err) = handle(client, peer, &target, options).await {
                         debug!(%peer, ?err, "connection ended with an error");
                     }
                     drop(permit);
@@ -142,11 +219,16 @@ fn is_resource_shortage(err: &io::Error) -> bool {
     )
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, target: &Target) -> io::Result<()> {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    target: &Target,
+    options: Options,
+) -> io::Result<()> {
     let upstream = connect(target, &peer).await?;
     // The client's socket inherits TCP_NODELAY from the listener (see `serve`).
     upstream.set_nodelay(true)?;
-    relay(&client, &upstream).await
+    relay(&client, &upstream, options.half_closed_timeout).await
 }
 
 async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
@@ -169,22 +251,22 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
     }
 }
 
-/// Connects to `to`, from `from` when given. The client's exact port may be taken inside (a server
-/// listening on that number, a TIME_WAIT left by an earlier connection of the same client port); then
-/// the client's address is kept with another port, and as a last resort the kernel picks both.
-async fn connect_from(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<TcpStream> {
-    let new_socket = || {
-        if to.is_ipv4() {
+/// Connects to `to` from `from`. The client's exact port may be taken inside (a server listening on
+/// that number, a TIME_WAIT left by an earlier connection of the same client port); then the address
+/// is kept with a port the kernel picks. Never from an address other than `from`'s: falling back to
+/// the kernel's choice would show the client as a loopback address.
+async fn connect_from(from: SocketAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let mut sources = vec![from];
+    if from.port() != 0 {
+        sources.push(SocketAddr::new(from.ip(), 0));
+    }
+    let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
+    for source in sources {
+        let socket = if to.is_ipv4() {
             TcpSocket::new_v4()
         } else {
             TcpSocket::new_v6()
-        }
-    };
-    let Some(from) = from else {
-        return new_socket()?.connect(to).await;
-    };
-    for source in [from, SocketAddr::new(from.ip(), 0)] {
-        let socket = new_socket()?;
+        }?;
         let bound = socket
             .set_reuseaddr(true)
             .and_then(|()| {
@@ -197,6 +279,7 @@ async fn connect_from(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<Tc
             .and_then(|()| socket.bind(source));
         if let Err(err) = bound {
             debug!(%source, ?err, "cannot bind the client's address inside");
+            last = err;
             continue;
         }
         match socket.connect(to).await {
@@ -207,16 +290,52 @@ async fn connect_from(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<Tc
                 ) =>
             {
                 debug!(%source, ?err, "the client's address is taken inside");
+                last = err;
             }
             other => return other,
         }
     }
-    new_socket()?.connect(to).await
+    Err(last)
 }
 
-/// Relays both directions until both are done, or either fails; then both sockets close.
-pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
-    tokio::try_join!(pump(a, b), pump(b, a)).map(|_| ())
+/// Relays both directions until both are done, or either fails, or the connection is half-closed
+/// and idle for `half_closed_timeout`; then both sockets close.
+pub async fn relay(a: &TcpStream, b: &TcpStream, half_closed_timeout: Duration) -> io::Result<()> {
+    let start = tokio::time::Instant::now();
+    // Milliseconds since `start` when a byte last moved, either way.
+    let moved = AtomicU64::new(0);
+    let up = pump(a, b, &moved, start);
+    let down = pump(b, a, &moved, start);
+    tokio::pin!(up, down);
+    let (finished, result) = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = up.as_mut().poll(cx) {
+            return Poll::Ready((true, r));
+        }
+        if let Poll::Ready(r) = down.as_mut().poll(cx) {
+            return Poll::Ready((false, r));
+        }
+        Poll::Pending
+    })
+    .await;
+    result?;
+    // One direction has ended (its FIN passed on); the other may go on as long as it moves bytes.
+    let mut rest = if finished { down } else { up };
+    loop {
+        let idle_until =
+            start + Duration::from_millis(moved.load(Ordering::Relaxed)) + half_closed_timeout;
+        tokio::select! {
+            result = rest.as_mut() => return result.map(|_| ()),
+            () = tokio::time::sleep_until(idle_until) => {
+                let last = start + Duration::from_millis(moved.load(Ordering::Relaxed));
+                if last + half_closed_timeout <= tokio::time::Instant::now() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "half-closed and idle for --half-closed-timeout",
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// A pipe used as the splice buffer of one direction.
@@ -227,25 +346,45 @@ struct Pipe {
     chunk: usize,
 }
 
-/// Empty pipes kept for reuse by each runtime thread, so a short connection costs no pipe2 and no
-/// closes: a direction that ends cleanly has drained its pipe completely.
-const POOLED_PIPES: usize = 64;
+/// Empty pipes kept for reuse by each runtime thread, so a burst of bytes costs no pipe2 and no close.
+/// A direction takes a pipe when bytes arrive and gives it back as soon as its socket has nothing
+/// more to read, so idle connections hold none: only the pool does, at most this many per thread.
+const POOLED_PIPES: usize = 16;
+/// Grown (bulk) pipes kept per thread: each counts 256 pages against the user's pipe quota
+/// (fs.pipe-user-pages-soft, 16384 pages by default, shared with every program of the user).
+const POOLED_BULK_PIPES: usize = 4;
+
+/// The descriptors one runtime thread's pipe pools may hold, for the open-file budget.
+pub const POOLED_FDS_PER_THREAD: usize = 2 * (POOLED_PIPES + POOLED_BULK_PIPES);
 
 thread_local! {
     static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BULK_PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Pipe {
-    fn take() -> io::Result<Pipe> {
-        if let Some(pipe) = PIPES.with(|pool| pool.borrow_mut().pop()) {
-            return Ok(pipe);
+    /// An empty pipe from this thread's pool, or a new one; a bulk direction gets a grown one.
+    fn take(bulk: bool) -> io::Result<Pipe> {
+        if bulk {
+            if let Some(pipe) = BULK_PIPES.with(|pool| pool.borrow_mut().pop()) {
+                return Ok(pipe);
+            }
         }
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        Ok(Pipe {
-            read,
-            write,
-            chunk: CHUNK,
-        })
+        let mut pipe = match PIPES.with(|pool| pool.borrow_mut().pop()) {
+            Some(pipe) => pipe,
+            None => {
+                let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+                Pipe {
+                    read,
+                    write,
+                    chunk: CHUNK,
+                }
+            }
+        };
+        if bulk {
+            pipe.enlarge();
+        }
+        Ok(pipe)
     }
 
     /// Grows an (empty) pipe for a bulk transfer: fewer, larger splices. The kernel refuses beyond
@@ -259,15 +398,16 @@ impl Pipe {
         }
     }
 
-    /// Returns an empty pipe to this thread's pool; a grown one is closed instead, so the pool holds
-    /// only default-sized pipes and the user's pipe memory stays small.
+    /// Returns an empty pipe to this thread's pool, or closes it when the pool is full.
     fn give_back(self) {
-        if self.chunk != CHUNK {
-            return;
-        }
-        PIPES.with(|pool| {
+        let (pool, max) = if self.chunk == CHUNK {
+            (&PIPES, POOLED_PIPES)
+        } else {
+            (&BULK_PIPES, POOLED_BULK_PIPES)
+        };
+        pool.with(|pool| {
             let mut pool = pool.borrow_mut();
-            if pool.len() < POOLED_PIPES {
+            if pool.len() < max {
                 pool.push(self);
             }
         });
@@ -279,28 +419,36 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
 }
 
-/// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s write half.
+/// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s write half. Each time
+/// bytes move, `moved` gets the milliseconds since `start`.
 ///
 /// The pipe is filled only when empty and then drained completely, so an EAGAIN from the fill always
-/// means the socket has no data (never that the pipe is full) and tokio's readiness stays exact.
-async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    // Taken at the first byte: an idle connection holds no pipe.
+/// means the socket has no data (never that the pipe is full) and tokio's readiness stays exact; the
+/// empty pipe then goes back to the pool until the next bytes arrive.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    start: tokio::time::Instant,
+) -> io::Result<u64> {
     let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
     loop {
         src.readable().await?;
         let p = match &mut pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::take()?),
+            None => pipe.insert(Pipe::take(total >= BULK_AFTER)?),
         };
-        if total >= BULK_AFTER && p.chunk == CHUNK {
-            p.enlarge();
-        }
         let p = &*p;
         let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, p.chunk)) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let mut left = filled;
@@ -313,6 +461,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
             }
         }
         total += filled as u64;
+        moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     // The peer sent FIN: pass it on, and keep the other direction open (half-close).
     match nix::sys::socket::shutdown(

@@ -28,8 +28,51 @@ use crate::sys::{self, CloneResult};
 #[derive(Clone, Debug)]
 pub struct CommandSpec {
     pub argv: Vec<OsString>,
+    /// The command's environment: the caller's own (see [`caller_environment`]).
+    pub env: Vec<(OsString, OsString)>,
     /// Sockets to hand over with systemd's socket-activation protocol, with their names.
     pub activation: Vec<(RawFd, String)>,
+    /// The caller's soft and hard RLIMIT_NOFILE, restored before exec: lowport raises its own soft
+    /// limit for the relay, and `select()`-based programs break above 1024.
+    pub nofile: Option<(u64, u64)>,
+}
+
+/// The variables of systemd's socket-activation protocol. Inherited from lowport's own parent they
+/// describe lowport's descriptors, not the command's, so the command never sees them unless
+/// `--socket-activation` sets its own.
+const ACTIVATION_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
+/// The environment the caller gave lowport, for the command.
+///
+/// A binary with a file capability runs in glibc's secure mode, whose loader removes LD_LIBRARY_PATH,
+/// TMPDIR, TZDIR, LOCPATH, GCONV_PATH, RES_OPTIONS and others from `environ` before `main`. The
+/// command runs with no capability on the host, so it gets them back: the kernel keeps the original
+/// strings, which /proc/self/environ reads. The process must be dumpable for that file to be readable
+/// (the launcher is, between dropping its capabilities and starting the command).
+pub fn caller_environment() -> Vec<(OsString, OsString)> {
+    let vars: Vec<(OsString, OsString)> = if sys::secure_mode() {
+        match std::fs::read("/proc/self/environ") {
+            Ok(bytes) => bytes
+                .split(|b| *b == 0)
+                .filter_map(|entry| {
+                    let split = entry.iter().position(|b| *b == b'=')?;
+                    Some((
+                        OsStr::from_bytes(&entry[..split]).to_owned(),
+                        OsStr::from_bytes(&entry[split + 1..]).to_owned(),
+                    ))
+                })
+                .collect(),
+            Err(err) => {
+                tracing::warn!(?err, "cannot read the original environment; the command gets what glibc's secure mode left");
+                std::env::vars_os().collect()
+            }
+        }
+    } else {
+        std::env::vars_os().collect()
+    };
+    vars.into_iter()
+        .filter(|(name, _)| !ACTIVATION_VARS.iter().any(|v| name == *v))
+        .collect()
 }
 
 /// The running command, as the launcher sees it.
@@ -97,6 +140,9 @@ impl InitError {
 /// set up. Returns the errno `execvp` would most likely fail with.
 pub fn precheck(program: &OsStr) -> Result<(), InitError> {
     let bytes = program.as_bytes();
+    if bytes.is_empty() {
+        return Err(InitError::from_exec_errno(program, libc::ENOENT));
+    }
     // A path that cannot be looked at (missing, or under a directory the caller may not search) does
     // not hold the command; one that exists but cannot be run explains why.
     let check = |path: &std::path::Path| -> Result<(), i32> {
@@ -277,38 +323,109 @@ fn helper_main(
     for fd in &activation {
         sys::close_raw(*fd);
     }
-    // Passing signals on and reaping need no capability; keep none, as the launcher does.
-    let _ = crate::capabilities::drop_bounding().and_then(|()| crate::capabilities::drop_all());
+    // Reaping needs no capability. Passing signals on needs CAP_KILL, in this namespace only: a
+    // command that switched to another uid (lighttpd's server.username, dnsmasq, haproxy) no longer
+    // shares the helper's uid 0. The helper keeps nothing else, and it is not dumpable, so the command
+    // cannot take it over to use the capability (ptrace and /proc/PID/mem need CAP_SYS_PTRACE in the
+    // user namespace the launcher was exec'd in, the host's).
+    let _ = crate::capabilities::drop_bounding().and_then(|()| {
+        crate::capabilities::drop_all_except(Some(crate::capabilities::Capability::CAP_KILL))
+    });
 
     loop {
         let Ok(sig) = sys::wait_for_signal(&waited) else {
             return 125;
         };
         if sig == libc::SIGCHLD {
-            if let Some(code) = reap(child) {
-                return code;
+            if let Some(exit) = reap(child) {
+                if let Exit::Exited(_) = exit {
+                    warn_if_left_behind();
+                }
+                return exit.code();
             }
         } else if let Ok(sig) = Signal::try_from(sig) {
-            let _ = nix::sys::signal::kill(child, sig);
+            match nix::sys::signal::kill(child, sig) {
+                // The command is exiting; its SIGCHLD is on its way.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(err) => tracing::warn!(
+                    ?sig,
+                    ?err,
+                    "cannot pass the signal to the command; it keeps running"
+                ),
+            }
         }
     }
 }
 
-/// Reaps every exited child; returns the exit code for the helper when the command itself is done.
-fn reap(command: Pid) -> Option<i32> {
+/// How the command ended.
+enum Exit {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl Exit {
+    /// The status lowport exits with: the command's own, or 128 + N for signal N.
+    fn code(&self) -> i32 {
+        match *self {
+            Exit::Exited(code) => code,
+            Exit::Signaled(sig) => 128 + sig,
+        }
+    }
+}
+
+/// A command that daemonized (forked and exited) leaves its real server behind as an orphan of this
+/// helper; the helper's exit stops it, and the user should know why their server is gone.
+fn warn_if_left_behind() {
+    let left = descendants_of_self();
+    if left > 0 {
+        tracing::warn!(
+            "the command exited and left {left} process{}, which were stopped; run it in the foreground (for example nginx -g 'daemon off;', or your server's --foreground or --no-daemon option)",
+            if left == 1 { "" } else { "es" }
+        );
+    }
+}
+
+/// Counts this process's living descendants through /proc/PID/task/TID/children (host pids; /proc is
+/// the host's procfs, and a process always may read its own).
+fn descendants_of_self() -> usize {
+    let children = |pid: &str| -> Vec<String> {
+        let mut found = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return found;
+        };
+        for task in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+                found.extend(list.split_whitespace().map(str::to_owned));
+            }
+        }
+        found
+    };
+    let mut queue = children("self");
+    let mut count = 0;
+    while let Some(pid) = queue.pop() {
+        count += 1;
+        queue.extend(children(&pid));
+    }
+    count
+}
+
+/// Reaps every exited child; returns how the command ended once it has.
+fn reap(command: Pid) -> Option<Exit> {
+    let mut ended = None;
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == command => return Some(code),
+            Ok(WaitStatus::Exited(pid, code)) if pid == command => ended = Some(Exit::Exited(code)),
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
-                return Some(128 + sig as i32)
+                ended = Some(Exit::Signaled(sig as i32))
             }
-            Ok(WaitStatus::StillAlive) | Err(_) => return None,
+            Ok(WaitStatus::StillAlive) | Err(_) => return ended,
             Ok(_) => {}
         }
     }
 }
 
-/// The command's side of the fork: a clean signal state, the activation sockets, then exec.
+/// The command's side of the fork: a clean signal state, the caller's open-file limit and
+/// environment, the activation sockets, then exec.
 fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! {
     let host_pid = std::fs::read_link("/proc/self")
         .ok()
@@ -318,19 +435,36 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
 
     sys::reset_signal_to_default(Signal::SIGPIPE);
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-
-    if !command.activation.is_empty() {
-        if let Err(e) = pass_listen_fds(&command.activation) {
-            send(
-                status,
-                MSG_EXEC_FAILED,
-                e.raw_os_error().unwrap_or(libc::EBADF),
-            );
-            sys::exit_now(125);
-        }
+    if let Some((soft, hard)) = command.nofile {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard);
     }
 
-    let err = nix::unistd::execvp(&argv[0], argv).unwrap_err();
+    let mut env = command.env.clone();
+    if !command.activation.is_empty() {
+        match pass_listen_fds(&command.activation) {
+            Ok(vars) => env.extend(vars),
+            Err(e) => {
+                send(
+                    status,
+                    MSG_EXEC_FAILED,
+                    e.raw_os_error().unwrap_or(libc::EBADF),
+                );
+                sys::exit_now(125);
+            }
+        }
+    }
+    let envp: Vec<CString> = env
+        .iter()
+        .filter_map(|(name, value)| {
+            let mut entry = name.as_bytes().to_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            CString::new(entry).ok()
+        })
+        .collect();
+
+    let err = nix::unistd::execvpe(&argv[0], argv, &envp).unwrap_err();
     send(status, MSG_EXEC_FAILED, err as i32);
     sys::exit_now(if err == nix::errno::Errno::ENOENT {
         127
@@ -339,21 +473,23 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
     })
 }
 
-/// systemd's protocol (sd_listen_fds(3)): descriptors from 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES.
-fn pass_listen_fds(fds: &[(RawFd, String)]) -> io::Result<()> {
+/// systemd's protocol (sd_listen_fds(3)): descriptors from 3, and the LISTEN_FDS, LISTEN_PID and
+/// LISTEN_FDNAMES variables this returns.
+fn pass_listen_fds(fds: &[(RawFd, String)]) -> io::Result<Vec<(OsString, OsString)>> {
     // Move every socket above the target range first, so dup2 never overwrites one not yet moved.
     let high = fds
         .iter()
-        .map(|(fd, _)| sys::dup_at_least(sys::borrow_raw(*fd), 3 + fds.len() as RawFd))
+        .map(|(fd, _)| sys::dup_at_least(*fd, 3 + fds.len() as RawFd))
         .collect::<io::Result<Vec<OwnedFd>>>()?;
     for (i, fd) in high.iter().enumerate() {
         sys::dup_to(fd.as_raw_fd(), 3 + i as RawFd)?;
     }
     drop(high);
     let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_str()).collect();
-    std::env::set_var("LISTEN_FDS", fds.len().to_string());
-    std::env::set_var("LISTEN_PID", std::process::id().to_string());
-    std::env::set_var("LISTEN_FDNAMES", names.join(":"));
     let _ = io::stderr().flush();
-    Ok(())
+    Ok(vec![
+        ("LISTEN_FDS".into(), fds.len().to_string().into()),
+        ("LISTEN_PID".into(), std::process::id().to_string().into()),
+        ("LISTEN_FDNAMES".into(), names.join(":").into()),
+    ])
 }

@@ -50,6 +50,10 @@ pub struct Config {
     pub socket_activation: bool,
     /// How long a UDP flow lives without a datagram in either direction.
     pub udp_timeout: std::time::Duration,
+    /// The most UDP flows at once, over all published UDP ports; `None` sizes it to the open-file limit.
+    pub max_udp_flows: Option<usize>,
+    /// How long a TCP connection that one side has closed may stay without moving a byte.
+    pub half_closed_timeout: std::time::Duration,
     pub command: Vec<OsString>,
 }
 
@@ -78,6 +82,8 @@ pub enum LaunchError {
     Caps(#[from] CapsError),
     #[error(transparent)]
     Init(#[from] InitError),
+    #[error("{0}")]
+    Resources(String),
     #[error("cannot {what}: {source}")]
     Io {
         what: &'static str,
@@ -129,37 +135,51 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         sys::set_cloexec(fd, true).map_err(LaunchError::io("mark --ready-fd close-on-exec"))?;
     }
     init::precheck(program)?;
+    if config.socket_activation {
+        refuse_privileged_activation(&config.publish, &proc_sys)?;
+    }
     // The kernel lets a process map only its effective ids into the namespace it creates.
     let uid = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
     let plan = userns::plan(config.userns, uid, gid, &userns::Environment::default())?;
     debug!(?plan, "id mapping");
+    let caller_nofile =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok();
     let nofile = sys::raise_nofile_limit().unwrap_or_else(|err| {
         debug!(?err, "cannot raise the open-file limit");
-        1024
+        caller_nofile.map_or(1024, |(soft, _)| soft)
     });
-    let max_connections = config
-        .max_connections
-        .unwrap_or_else(|| default_max_connections(nofile));
-    debug!(max_connections, nofile, "connection limit");
+    let relaying = !config.socket_activation && !config.publish.is_empty();
+    let limits = Limits::fit(
+        nofile,
+        config.publish.len() * 2,
+        relaying.then_some(&config),
+    )?;
+    debug!(?limits, nofile, "connection and flow limits");
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
     capabilities::drop_all_except(creator_keeps)?;
     // A binary with a file capability starts non-dumpable, which makes /proc/self/uid_map unwritable
-    // for its own user; with the capabilities gone there is nothing left to protect.
+    // for its own user; with the capabilities gone there is nothing left to protect until the command
+    // starts (step 6 makes the process non-dumpable again, for good).
     if !nix::sys::prctl::get_dumpable().unwrap_or(true) {
         nix::sys::prctl::set_dumpable(true)
             .map_err(|e| LaunchError::io("make the process dumpable")(e.into()))?;
     }
+    let env = init::caller_environment();
 
     // 3. Signals stay pending until the runtime reads them from a signalfd.
     let mut forwarded = SigSet::empty();
     for sig in FORWARDED_SIGNALS {
         forwarded.add(sig);
     }
-    forwarded
+    // SIGCHLD too: the runtime learns from the signalfd that the pid-1 helper exited, so waiting for
+    // it needs no thread of its own.
+    let mut read_by_runtime = forwarded;
+    read_by_runtime.add(Signal::SIGCHLD);
+    read_by_runtime
         .thread_block()
         .map_err(|e| LaunchError::io("block signals")(e.into()))?;
     let helper = match &plan {
@@ -183,8 +203,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // 5. Inside the network namespace.
     netns::loopback_up()?;
     netns::set_unprivileged_port_start(&proc_sys, config.port_start)?;
-    let relaying = !config.socket_activation && !sockets.is_empty();
-    if relaying && config.preserve_source {
+    if relaying {
         netns::route_replies_to_clients()?;
     }
 
@@ -206,46 +225,47 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     };
     let command = CommandSpec {
         argv: config.command.clone(),
+        env,
         activation,
+        nofile: caller_nofile,
     };
+    // From here on the command runs, as root in the namespaces lowport created. A non-dumpable process
+    // can be ptraced, and its /proc/PID/mem and descriptors opened, only with CAP_SYS_PTRACE in the user
+    // namespace its program was exec'd in, which is the host's: the command never has that. The flag is
+    // inherited by the pid-1 helper and by every thread of the runtime.
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| LaunchError::io("make the process non-dumpable")(e.into()))?;
     let started = init::start(&command, &forwarded, &close_in_helper)?;
     debug!(init = %started.init, child = started.child_pid, "command started");
 
-    let signals = SignalFd::with_flags(&forwarded, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| LaunchError::io("read signals")(e.into()))?;
+    let signals = SignalFd::with_flags(
+        &read_by_runtime,
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(|e| LaunchError::io("read signals")(e.into()))?;
     forward_pending(&signals, started.init, started.child_pid);
 
     // 7. Nothing from here on needs a capability, in any namespace.
     capabilities::drop_bounding()?;
     capabilities::drop_all()?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(relay_threads(
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        ))
-        .thread_name("lowport")
-        .enable_all()
-        .build()
-        .map_err(LaunchError::io("start the runtime"))?;
-    let status = runtime.block_on(supervise(
-        config,
-        max_connections,
-        sockets,
-        started,
-        signals,
+    let runtime = build_runtime(relay_threads(
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
     ))?;
+    let status = runtime.block_on(supervise(config, limits, sockets, started, signals))?;
     runtime.shutdown_background();
     Ok(status)
 }
 
 async fn supervise(
     config: Config,
-    max_connections: usize,
+    limits: Limits,
     sockets: Vec<HostSocket>,
     started: Started,
     signals: SignalFd,
 ) -> Result<i32, LaunchError> {
-    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let tcp_limit = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
+    let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
     let mut bound = Vec::new();
     for socket in sockets {
         bound.push((socket.spec.clone(), socket.addr));
@@ -262,10 +282,14 @@ async fn supervise(
             Bound::Tcp(listener) => {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(LaunchError::io("register a host socket"))?;
+                let options = forward::Options {
+                    half_closed_timeout: config.half_closed_timeout,
+                };
                 tokio::spawn(forward::serve(
                     listener,
                     target,
-                    limit.clone(),
+                    options,
+                    tcp_limit.clone(),
                     std::future::pending(),
                 ));
             }
@@ -276,6 +300,7 @@ async fn supervise(
                     socket,
                     target,
                     config.udp_timeout,
+                    udp_flows.clone(),
                     std::future::pending(),
                 ));
             }
@@ -283,29 +308,87 @@ async fn supervise(
     }
 
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
-    let init_pid = started.init;
-    let child_pid = started.child_pid;
-    tokio::spawn(forward_signals(signals, init_pid, child_pid));
-
-    let waiter = tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(init_pid, None));
-
     if let Some(fd) = config.ready_fd {
-        report_ready(fd, child_pid, &bound);
+        report_ready(fd, started.child_pid, &bound);
     }
-
-    let status = waiter
-        .await
-        .map_err(|e| LaunchError::io("wait for the command")(io::Error::other(e)))?
-        .map_err(|e| LaunchError::io("wait for the command")(e.into()))?;
+    let status = wait_forwarding_signals(&signals, &started).await?;
     drop(started);
+    Ok(status)
+}
+
+/// Forwards signals to the pid-1 helper until it exits, and returns the status lowport exits with.
+/// SIGCHLD arrives on the same signalfd, so no thread is set aside for `waitpid`.
+async fn wait_forwarding_signals(
+    signals: &AsyncFd<SignalFd>,
+    started: &Started,
+) -> Result<i32, LaunchError> {
+    loop {
+        if let Some(status) = helper_status(started.init)? {
+            return Ok(status);
+        }
+        let mut guard = signals
+            .readable()
+            .await
+            .map_err(LaunchError::io("read signals"))?;
+        // Read until the queue is empty: only a WouldBlock clears the readiness, which is what makes
+        // the next `readable()` wait.
+        loop {
+            match guard.try_io(|fd| read_one(fd.get_ref())) {
+                Ok(Ok(info)) if info.ssi_signo == libc::SIGCHLD as u32 => {}
+                Ok(Ok(info)) => forward_signal(&info, started.init, started.child_pid, true),
+                Ok(Err(err)) => return Err(LaunchError::io("read signals")(err)),
+                Err(_would_block) => break,
+            }
+        }
+    }
+}
+
+/// The helper's exit status once it has exited (the command's own, or 128 + N for signal N).
+fn helper_status(init: nix::unistd::Pid) -> Result<Option<i32>, LaunchError> {
+    let status = nix::sys::wait::waitpid(init, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+        .map_err(|e| LaunchError::io("wait for the command")(e.into()))?;
     Ok(match status {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        WaitStatus::StillAlive => None,
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
         other => {
-            warn!(?other, "unexpected wait status");
-            125
+            debug!(?other, "helper status");
+            None
         }
     })
+}
+
+/// Builds the relay's runtime. tokio panics when the system refuses a worker thread (RLIMIT_NPROC,
+/// `ulimit -u`, is the usual reason); that becomes an error with the limit named.
+fn build_runtime(threads: usize) -> Result<tokio::runtime::Runtime, LaunchError> {
+    let build = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("lowport")
+            .enable_all()
+            .build()
+    };
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let built = std::panic::catch_unwind(build);
+    std::panic::set_hook(hook);
+    let err = match built {
+        Ok(Ok(runtime)) => return Ok(runtime),
+        Ok(Err(err)) => err,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            io::Error::other(text)
+        }
+    };
+    let nproc = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
+        .map_or("unknown".to_owned(), |(soft, _)| soft.to_string());
+    Err(LaunchError::Resources(format!(
+        "cannot start the relay's {threads} thread(s): {err} (the system refused a thread; the limit on this user's processes and threads, ulimit -u, is {nproc}: raise it, or stop some of this user's processes)"
+    )))
 }
 
 /// The relay shares the machine with the server it serves and, in benchmarks and on laptops, with the
@@ -316,34 +399,111 @@ pub fn relay_threads(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
-/// Each relayed connection holds two sockets and, while bytes flow, two pipes (four descriptors): the
-/// default keeps six per connection within the open-file limit, with room for lowport's own, and stops
-/// at 16384.
-pub fn default_max_connections(nofile: u64) -> usize {
-    (nofile.saturating_sub(64) / 6).clamp(16, 16384) as usize
+/// Descriptors per relayed TCP connection at worst: two sockets and, while bytes flow both ways, two
+/// pipes (four ends). Idle connections hold no pipe.
+const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors lowport keeps for itself, besides its host sockets and the pipe pools of its relay
+/// threads: stdio, the runtime's epoll and eventfd, the signalfd, the lifeline, `--ready-fd`.
+const FDS_OWN: u64 = 16;
+/// The default ceilings, whatever the open-file limit allows.
+const MAX_DEFAULT_CONNECTIONS: u64 = 16384;
+const MAX_DEFAULT_UDP_FLOWS: u64 = 4096;
+
+/// How many relayed TCP connections and UDP flows lowport allows at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub connections: usize,
+    pub udp_flows: usize,
 }
 
-/// Passes each forwarded signal to the pid-1 helper, for as long as lowport runs.
-async fn forward_signals(signals: AsyncFd<SignalFd>, init: nix::unistd::Pid, child: u32) {
-    loop {
-        let Ok(mut guard) = signals.readable().await else {
-            return;
+impl Limits {
+    /// Fits the limits into `nofile` descriptors, after `host_sockets` and lowport's own. Defaults take
+    /// what is left (a UDP flow's socket is one descriptor; an eighth of the budget goes to flows when
+    /// UDP is published); an explicit limit that cannot fit is refused, since honouring it would mean
+    /// dropping clients at `accept` once the descriptors run out. `config` is `None` when nothing is
+    /// relayed.
+    pub fn fit(
+        nofile: u64,
+        host_sockets: usize,
+        config: Option<&Config>,
+    ) -> Result<Limits, LaunchError> {
+        let Some(config) = config else {
+            return Ok(Limits {
+                connections: 0,
+                udp_flows: 0,
+            });
         };
-        // Read until the queue is empty: only a WouldBlock clears the readiness, which is what makes
-        // the next `readable()` wait.
-        loop {
-            match guard.try_io(|fd| read_one(fd.get_ref())) {
-                Ok(Ok(info)) => forward_signal(&info, init, child, true),
-                Ok(Err(err)) => {
-                    warn!(
-                        ?err,
-                        "cannot read a signal; signals are no longer forwarded"
-                    );
-                    return;
-                }
-                Err(_would_block) => break,
+        let has = |p: crate::publish::Protocol| config.publish.iter().any(|s| s.protocol == p);
+        let has_udp = has(crate::publish::Protocol::Udp);
+        let has_tcp = has(crate::publish::Protocol::Tcp);
+        let reserved = reserved_fds(host_sockets);
+        let budget = nofile.saturating_sub(reserved);
+        let udp_flows = match config.max_udp_flows {
+            Some(n) => n as u64,
+            None if has_udp => (budget / 8).min(MAX_DEFAULT_UDP_FLOWS),
+            None => 0,
+        };
+        let connections = match config.max_connections {
+            Some(n) => n as u64,
+            None if has_tcp => {
+                (budget.saturating_sub(udp_flows) / FDS_PER_CONNECTION).min(MAX_DEFAULT_CONNECTIONS)
             }
+            None => 0,
+        };
+        let needed = reserved + connections * FDS_PER_CONNECTION + udp_flows;
+        let starved = (has_tcp && connections == 0) || (has_udp && udp_flows == 0);
+        if needed > nofile || starved {
+            let asked = match (config.max_connections, config.max_udp_flows) {
+                (Some(_), Some(_)) => Some("--max-connections and --max-udp-flows"),
+                (Some(_), None) => Some("--max-connections"),
+                (None, Some(_)) => Some("--max-udp-flows"),
+                (None, None) => None,
+            };
+            let want = needed.max(reserved + FDS_PER_CONNECTION + 1);
+            return Err(match asked {
+                Some(options) => LaunchError::Usage(format!(
+                    "{options} cannot be honoured: {connections} connections and {udp_flows} UDP flows need about {needed} open files ({FDS_PER_CONNECTION} per connection, 1 per flow, {reserved} for lowport and its host sockets), and the open-file limit is {nofile}; give a lower limit, or raise the open-file limit (ulimit -n {needed}; above the hard limit that needs root or limits.conf)"
+                )),
+                None => LaunchError::Resources(format!(
+                    "the open-file limit ({nofile}) leaves no room to relay: lowport needs {reserved} descriptors for itself and its host sockets and {FDS_PER_CONNECTION} per connection; raise it (ulimit -n {want} or more) or publish fewer ports"
+                )),
+            });
         }
+        Ok(Limits {
+            connections: connections as usize,
+            udp_flows: udp_flows as usize,
+        })
+    }
+}
+
+/// The descriptors lowport needs besides its connections and flows.
+fn reserved_fds(host_sockets: usize) -> u64 {
+    let threads = relay_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    FDS_OWN + (forward::POOLED_FDS_PER_THREAD * threads) as u64 + host_sockets as u64
+}
+
+/// A host port below the host's `ip_unprivileged_port_start` was bound with privilege (a file
+/// capability, or root). Handed to the command, such a socket would let it send from that port, which
+/// services that trust low source ports (NFS `secure`, rsh) take as proof of root, and even connect
+/// out of the host's network namespace (`connect(AF_UNSPEC)` turns a listener back into a plain
+/// socket). So it is relayed, never handed over.
+fn refuse_privileged_activation(
+    specs: &[PublishSpec],
+    proc_sys: &std::path::Path,
+) -> Result<(), LaunchError> {
+    let start: u16 = std::fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    match specs
+        .iter()
+        .find(|s| s.host_port != 0 && s.host_port < start)
+    {
+        Some(spec) => Err(LaunchError::Usage(format!(
+            "--socket-activation cannot hand over host port {} (-p {spec}): ports below {start} need privilege on this host, and a server holding such a socket could send from it as if it were root; drop --socket-activation so lowport relays the port, or publish a host port of {start} or above",
+            spec.host_port
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -359,7 +519,9 @@ fn read_one(fd: &SignalFd) -> io::Result<nix::sys::signalfd::siginfo> {
 /// terminal's Ctrl-C could not reach it, so these are forwarded whatever their source.
 fn forward_pending(signals: &SignalFd, init: nix::unistd::Pid, child: u32) {
     while let Ok(info) = read_one(signals) {
-        forward_signal(&info, init, child, false);
+        if info.ssi_signo != libc::SIGCHLD as u32 {
+            forward_signal(&info, init, child, false);
+        }
     }
 }
 
@@ -386,7 +548,14 @@ fn forward_signal(
         }
     }
     debug!(?sig, "forwarding");
-    let _ = nix::sys::signal::kill(init, sig);
+    match nix::sys::signal::kill(init, sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(err) => warn!(
+            ?sig,
+            ?err,
+            "cannot pass the signal to the command's pid-1 helper"
+        ),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -416,8 +585,9 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
         .collect();
     let mut line = serde_json::to_string(&Ready { pid, ports }).unwrap_or_default();
     line.push('\n');
-    // lowport checked at start that the descriptor is open, and nothing else in it uses the number.
-    let mut file = std::fs::File::from(sys::own_raw(fd));
+    // SAFETY: `run` checked at start that the descriptor is open; nothing else in lowport owns or uses
+    // the number, and this report is the only place that takes it, once.
+    let mut file = std::fs::File::from(unsafe { sys::own_raw(fd) });
     if let Err(err) = file.write_all(line.as_bytes()) {
         warn!(?err, fd, "cannot write the readiness report");
     }
@@ -425,20 +595,95 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
 
 #[cfg(test)]
 mod tests {
-    use super::default_max_connections;
+    use super::*;
 
     #[test]
     fn relay_threads_take_half_the_cpus() {
-        assert_eq!(super::relay_threads(1), 1);
-        assert_eq!(super::relay_threads(2), 1);
-        assert_eq!(super::relay_threads(8), 4);
-        assert_eq!(super::relay_threads(64), 4);
+        assert_eq!(relay_threads(1), 1);
+        assert_eq!(relay_threads(2), 1);
+        assert_eq!(relay_threads(8), 4);
+        assert_eq!(relay_threads(64), 4);
+    }
+
+    fn config(publish: &[&str], tcp: Option<usize>, udp: Option<usize>) -> Config {
+        Config {
+            publish: publish.iter().map(|p| p.parse().unwrap()).collect(),
+            userns: userns::Mode::Single,
+            port_start: 0,
+            ready_fd: None,
+            max_connections: tcp,
+            max_udp_flows: udp,
+            half_closed_timeout: std::time::Duration::from_secs(10),
+            preserve_source: true,
+            socket_activation: false,
+            udp_timeout: std::time::Duration::from_secs(60),
+            command: vec!["true".into()],
+        }
     }
 
     #[test]
-    fn connection_limit_follows_the_open_file_limit() {
-        assert_eq!(default_max_connections(1024), 160);
-        assert_eq!(default_max_connections(1 << 20), 16384);
-        assert_eq!(default_max_connections(40), 16);
+    fn default_limits_follow_the_open_file_limit() {
+        let tcp = config(&["8080:80"], None, None);
+        let fit = |nofile| Limits::fit(nofile, 2, Some(&tcp)).unwrap();
+        assert_eq!(fit(1024).connections as u64, (1024 - reserved_fds(2)) / 6);
+        assert_eq!(fit(1024).udp_flows, 0);
+        assert_eq!(fit(1 << 20).connections, 16384);
+        let both = config(&["8080:80", "5353:53/udp"], None, None);
+        let limits = Limits::fit(20000, 4, Some(&both)).unwrap();
+        assert_eq!(limits.udp_flows as u64, (20000 - reserved_fds(4)) / 8);
+        assert!(reserved_fds(4) + limits.connections as u64 * 6 + limits.udp_flows as u64 <= 20000);
+        let limits = Limits::fit(1 << 20, 4, Some(&both)).unwrap();
+        assert_eq!((limits.connections, limits.udp_flows), (16384, 4096));
+    }
+
+    #[test]
+    fn explicit_limits_that_do_not_fit_are_refused() {
+        let tcp = config(&["8080:80"], Some(5000), None);
+        let err = Limits::fit(20000, 2, Some(&tcp)).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(
+            text.contains("--max-connections") && text.contains("ulimit -n"),
+            "{text}"
+        );
+        assert!(Limits::fit(40000, 2, Some(&tcp)).is_ok());
+        let udp = config(&["5353:53/udp"], None, Some(100_000));
+        assert!(Limits::fit(20000, 2, Some(&udp))
+            .unwrap_err()
+            .to_string()
+            .contains("--max-udp-flows"));
+    }
+
+    #[test]
+    fn a_tiny_open_file_limit_is_named() {
+        let tcp = config(&["8080:80"], None, None);
+        let err = Limits::fit(40, 2, Some(&tcp)).unwrap_err();
+        assert_eq!(err.exit_code(), 125);
+        assert!(err.to_string().contains("ulimit -n"), "{err}");
+        assert_eq!(
+            Limits::fit(40, 2, None).unwrap(),
+            Limits {
+                connections: 0,
+                udp_flows: 0
+            }
+        );
+    }
+
+    #[test]
+    fn privileged_host_ports_are_never_handed_over() {
+        let dir = std::env::temp_dir().join(format!("lowport-activation-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("net/ipv4")).unwrap();
+        std::fs::write(dir.join("net/ipv4/ip_unprivileged_port_start"), "1024\n").unwrap();
+        let specs = |list: &[&str]| -> Vec<PublishSpec> {
+            list.iter().map(|p| p.parse().unwrap()).collect()
+        };
+        let err = refuse_privileged_activation(&specs(&["8080:80", "127.0.0.1:700:53/udp"]), &dir)
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("host port 700"), "{err}");
+        assert!(refuse_privileged_activation(&specs(&["8080:80", "0:443"]), &dir).is_ok());
+        std::fs::write(dir.join("net/ipv4/ip_unprivileged_port_start"), "80\n").unwrap();
+        assert!(refuse_privileged_activation(&specs(&["80:80"]), &dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

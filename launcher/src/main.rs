@@ -62,12 +62,24 @@ struct RunArgs {
 
     /// The most relayed TCP connections at once, over all published ports; beyond it new clients wait
     /// in the host socket's backlog. Default: what the open-file limit allows (six descriptors per
-    /// connection), at most 16384
+    /// connection), at most 16384. A limit the open-file limit cannot hold is refused
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
 
-    /// Do not relay from each client's own address: the server then sees every client as 127.0.0.1 or
-    /// ::1 (by default it sees the real address and port, over TCP and UDP)
+    /// Close a relayed TCP connection that one side has closed (half-closed) once no byte has moved
+    /// either way for this long, so clients that never close cannot hold connection slots for ever
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    half_closed_timeout: Duration,
+
+    /// The most UDP flows (client addresses) relayed at once, over all published UDP ports; at the
+    /// limit the least recently used flow is closed to make room. Default: an eighth of what the
+    /// open-file limit allows, at most 4096
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_udp_flows: Option<u32>,
+
+    /// Do not relay from each client's own address: the server then sees clients on the host's loopback
+    /// as 127.0.0.1 or ::1 and every other client as 192.0.0.8 or 64:ff9b::c000:8 (by default it sees
+    /// the real address and port, over TCP and UDP)
     #[arg(long)]
     no_preserve_source: bool,
 
@@ -99,6 +111,8 @@ fn main() -> ExitCode {
         port_start: args.port_start,
         ready_fd: args.ready_fd,
         max_connections: args.max_connections.map(|n| n as usize),
+        max_udp_flows: args.max_udp_flows.map(|n| n as usize),
+        half_closed_timeout: args.half_closed_timeout,
         preserve_source: !args.no_preserve_source,
         socket_activation: args.socket_activation,
         udp_timeout: args.udp_timeout,

@@ -5,7 +5,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
@@ -24,12 +24,15 @@ pub enum CloneResult {
 /// for its runtime. A raw `clone` with `CLONE_NEWPID` puts only the child in the new namespace, as
 /// bubblewrap does.
 ///
-/// The caller must have only one thread, and the child must restrict itself to what is safe after fork:
-/// the functions in this crate's `init` module do.
+/// Fails unless the process has exactly one thread: that is what makes the call sound,
+/// since a child of a multi-threaded process could inherit a lock (the allocator's, stdio's) held by a
+/// thread that does not exist in the child. With one thread, the child may run any code.
 pub fn clone_into_new_pid_namespace() -> io::Result<CloneResult> {
+    ensure_single_threaded()?;
     let flags = (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a raw clone without CLONE_VM and with a null stack duplicates the process like fork();
-    // the caller guarantees a single thread, so no lock of another thread can be held in the child.
+    // the process has one thread (checked above, and no other thread can appear meanwhile since only
+    // this one could create it), so the child inherits no lock held by a thread it lacks.
     let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
     match ret {
         -1 => Err(io::Error::last_os_error()),
@@ -40,11 +43,30 @@ pub fn clone_into_new_pid_namespace() -> io::Result<CloneResult> {
 
 /// Forks a plain child process.
 ///
-/// The caller must have only one thread (the launcher forks only before it starts its runtime).
+/// Fails unless the process has exactly one thread, which makes the call sound (see
+/// [`clone_into_new_pid_namespace`]).
 pub fn fork() -> io::Result<nix::unistd::ForkResult> {
-    // SAFETY: the caller guarantees that the process has one thread, so the child cannot inherit a lock
-    // held by another thread; the children only run async-signal-safe code or exec.
+    ensure_single_threaded()?;
+    // SAFETY: the process has one thread (checked above), so the child cannot inherit a lock held by
+    // another thread and may run any code, allocation included.
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+/// The number of threads of this process, from /proc/self/stat (field 20).
+pub fn thread_count() -> io::Result<usize> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(17)?.parse().ok())
+        .ok_or_else(|| io::Error::other("cannot parse /proc/self/stat"))
+}
+
+fn ensure_single_threaded() -> io::Result<()> {
+    match thread_count()? {
+        1 => Ok(()),
+        n => Err(io::Error::other(format!(
+            "internal error: fork with {n} threads (lowport forks only before its runtime starts)"
+        ))),
+    }
 }
 
 /// Ends the calling process at once, without running exit handlers or flushing stdio buffers that it
@@ -84,9 +106,11 @@ pub fn set_interface_up(name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-/// Duplicates `fd` to the lowest free descriptor at or above `min`, with close-on-exec set.
-pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
-    let new = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+/// Duplicates descriptor number `fd` to the lowest free descriptor at or above `min`, with
+/// close-on-exec set. A number that is not open gives `EBADF`; the copy is a new descriptor, so no
+/// ownership is shared.
+pub fn dup_at_least(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
@@ -158,20 +182,23 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
-/// Borrows a raw descriptor number that the caller knows stays open for as long as it is used.
+/// Takes ownership of a descriptor number the process inherited, such as `--ready-fd`; dropping the
+/// result closes it.
 ///
-/// Only for the command's side of the fork, which refers to the launcher's inherited sockets by number.
-pub fn borrow_raw(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: the caller guarantees the descriptor is open; in the forked child nothing closes it
-    // before the exec that ends the borrow.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+/// # Safety
+///
+/// `fd` must be open, and nothing else in the process may own it or use the number afterwards (the
+/// launcher checks `--ready-fd` once at start and refers to it only through the result).
+pub unsafe fn own_raw(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller upholds this function's contract: an open descriptor with no other owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Takes ownership of a descriptor number the process inherited and that nothing else owns, such as
-/// `--ready-fd`; dropping the result closes it.
-pub fn own_raw(fd: RawFd) -> OwnedFd {
-    // SAFETY: the caller checked that the descriptor is open and hands over the only reference to it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Whether the process runs in glibc's secure mode (AT_SECURE): a binary with a file capability does,
+/// and its loader then removed variables such as LD_LIBRARY_PATH and TMPDIR from `environ`.
+pub fn secure_mode() -> bool {
+    // SAFETY: getauxval reads the auxiliary vector the kernel gave the process; it has no preconditions.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
 /// Registers a signalfd with the tokio reactor, for reading signals as events.

@@ -1,23 +1,30 @@
 //! The UDP forwarder: one inner socket per client flow.
 //!
 //! A datagram from a new client address opens a flow: a socket inside, connected to the target port
-//! (and bound to the client's own address when it is preserved), so the server's replies come back on
-//! that socket and go out of the host socket to the right client. A flow that sees no datagram in
-//! either direction for the idle timeout is closed.
+//! and bound to the address the server should see (see `Target::source_for`), so the server's replies
+//! come back on that socket and go out of the host socket to the right client. A flow that sees no
+//! datagram in either direction for the idle timeout is closed.
+//!
+//! Bounded: at most `FlowBudget` flows over all UDP ports (each holds one socket, a descriptor); at
+//! the limit the least recently used flow of the port makes room. A flow holds no buffer of its own:
+//! replies are read into one buffer per runtime thread.
 //!
 //! Which family inside: the client's own, unless only the other family has a socket bound to the
-//! port (read from /proc/net/udp and /proc/net/udp6 of this namespace), since a UDP send to a port
-//! nobody listens on does not fail the way a TCP connect does.
+//! port, since a UDP send to a port nobody listens on does not fail the way a TCP connect does. The
+//! answer comes from /proc/net/udp and /proc/net/udp6 of this namespace, read at most every
+//! [`FAMILY_RECHECK`] per port, never once per flow.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use crate::forward::{allow_foreign_bind, unmapped, Target};
@@ -25,10 +32,77 @@ use crate::forward::{allow_foreign_bind, unmapped, Target};
 /// The largest UDP payload over IPv4 is 65507 bytes and over IPv6 65527; one buffer holds either.
 const MAX_DATAGRAM: usize = 65536;
 
+/// How long the family choice for a port is trusted before /proc/net/udp is read again.
+const FAMILY_RECHECK: Duration = Duration::from_millis(250);
+
+/// How often, at most, the flow limit is reported.
+const LIMIT_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// The buffer replies are read into: one per runtime thread, not one per flow.
+    static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
+/// The flow limit shared by every published UDP port.
+#[derive(Clone)]
+pub struct FlowBudget(Arc<BudgetInner>);
+
+struct BudgetInner {
+    max: usize,
+    open: AtomicUsize,
+    /// When the limit was last reported, and how many flows were closed for room since.
+    report: Mutex<(Option<Instant>, u64)>,
+}
+
+impl FlowBudget {
+    pub fn new(max: usize) -> FlowBudget {
+        FlowBudget(Arc::new(BudgetInner {
+            max,
+            open: AtomicUsize::new(0),
+            report: Mutex::new((None, 0)),
+        }))
+    }
+
+    /// Takes a slot for a new flow, if one is free.
+    fn try_take(&self) -> bool {
+        self.0
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.0.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Logs that the limit was reached, at most every [`LIMIT_REPORT_EVERY`].
+    fn reached(&self, port: u16, evicted: bool) {
+        let mut report = self.0.report.lock().expect("flow report");
+        report.1 += u64::from(evicted);
+        let now = Instant::now();
+        if report
+            .0
+            .is_some_and(|at| now.duration_since(at) < LIMIT_REPORT_EVERY)
+        {
+            return;
+        }
+        warn!(
+            max = self.0.max,
+            port,
+            closed_for_room = report.1,
+            "UDP flow limit reached: the least recently used flows are closed to make room (raise it with --max-udp-flows)"
+        );
+        *report = (Some(now), 0);
+    }
+}
+
 struct Flow {
     inner: Arc<UdpSocket>,
-    /// Milliseconds since `epoch` of the last datagram in either direction.
+    /// Milliseconds since the relay's epoch of the last datagram in either direction.
     last: Arc<AtomicU64>,
+    replies: AbortHandle,
 }
 
 type Flows = Arc<Mutex<HashMap<SocketAddr, Flow>>>;
@@ -38,10 +112,11 @@ pub async fn serve(
     host: UdpSocket,
     target: Target,
     idle: Duration,
+    budget: FlowBudget,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::select! {
-        result = relay(Arc::new(host), target, idle) => {
+        result = relay(Arc::new(host), target, idle, budget) => {
             if let Err(err) = result {
                 warn!(?err, "the UDP host socket failed; no more datagrams are forwarded on it");
             }
@@ -50,79 +125,151 @@ pub async fn serve(
     }
 }
 
-async fn relay(host: Arc<UdpSocket>, target: Target, idle: Duration) -> io::Result<()> {
-    let flows: Flows = Arc::default();
-    let epoch = Instant::now();
+/// What one host socket's relay shares with its flows' reply tasks.
+struct Relay {
+    host: Arc<UdpSocket>,
+    target: Target,
+    idle: Duration,
+    budget: FlowBudget,
+    flows: Flows,
+    epoch: Instant,
+}
+
+impl Relay {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+async fn relay(
+    host: Arc<UdpSocket>,
+    target: Target,
+    idle: Duration,
+    budget: FlowBudget,
+) -> io::Result<()> {
+    let relay = Arc::new(Relay {
+        host,
+        target,
+        idle,
+        budget,
+        flows: Arc::default(),
+        epoch: Instant::now(),
+    });
+    let mut family = FamilyChoice::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let (len, peer) = host.recv_from(&mut buf).await?;
-        let existing = flows
+        let (len, peer) = relay.host.recv_from(&mut buf).await?;
+        let existing = relay
+            .flows
             .lock()
             .expect("flow table")
             .get(&peer)
             .map(|f| (f.inner.clone(), f.last.clone()));
         let (inner, last) = match existing {
             Some(flow) => flow,
-            None => match open_flow(&host, &target, peer, idle, &flows, epoch).await {
-                Ok(flow) => flow,
+            None => match open_flow(&relay, peer, &mut family) {
+                Ok(Some(flow)) => flow,
+                Ok(None) => continue,
                 Err(err) => {
-                    warn!(%peer, port = target.port, ?err, "cannot open a UDP flow inside; dropping the datagram");
+                    warn!(%peer, port = relay.target.port, ?err, "cannot open a UDP flow inside; dropping the datagram");
                     continue;
                 }
             },
         };
-        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if let Err(err) = inner.send(&buf[..len]).await {
-            // ECONNREFUSED reports an earlier datagram that found no listener; the server may start later.
+        last.store(relay.now_ms(), Ordering::Relaxed);
+        if let Err(err) = send_now(&*inner, &buf[..len], None) {
+            // ECONNREFUSED reports an earlier datagram that found no listener; the server may start
+            // later. A full socket buffer drops the datagram, as the network would.
             debug!(%peer, ?err, "cannot send a datagram inside");
         }
     }
 }
 
-async fn open_flow(
-    host: &Arc<UdpSocket>,
-    target: &Target,
+/// Opens a flow for `peer`, closing the least recently used one of this port when the budget is
+/// spent. `None` when there is no room at all (every flow belongs to other ports).
+fn open_flow(
+    relay: &Arc<Relay>,
     peer: SocketAddr,
-    idle: Duration,
-    flows: &Flows,
-    epoch: Instant,
-) -> io::Result<(Arc<UdpSocket>, Arc<AtomicU64>)> {
-    let to = pick_inner(target, peer);
-    let inner = Arc::new(bind_inner(target.source_for(peer, to), to).await?);
-    inner.connect(to).await?;
-    let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
-    flows.lock().expect("flow table").insert(
+    family: &mut FamilyChoice,
+) -> io::Result<Option<(Arc<UdpSocket>, Arc<AtomicU64>)>> {
+    if !relay.budget.try_take() {
+        let evicted = evict_least_recent(relay);
+        relay.budget.reached(relay.target.port, evicted);
+        if !evicted || !relay.budget.try_take() {
+            return Ok(None);
+        }
+    }
+    let opened = (|| {
+        let to = family.pick(&relay.target, peer);
+        let inner = bind_inner(relay.target.source_for(peer, to), to)?;
+        inner.connect(to)?;
+        let inner = Arc::new(UdpSocket::from_std(inner)?);
+        Ok::<_, io::Error>((inner, to))
+    })();
+    let (inner, to) = match opened {
+        Ok(opened) => opened,
+        Err(err) => {
+            relay.budget.release();
+            return Err(err);
+        }
+    };
+    let last = Arc::new(AtomicU64::new(relay.now_ms()));
+    let replies = tokio::spawn(replies(relay.clone(), inner.clone(), peer, last.clone()));
+    relay.flows.lock().expect("flow table").insert(
         peer,
         Flow {
             inner: inner.clone(),
             last: last.clone(),
+            replies: replies.abort_handle(),
         },
     );
     debug!(%peer, %to, "UDP flow opened");
-    tokio::spawn(replies(
-        host.clone(),
-        inner.clone(),
-        peer,
-        last.clone(),
-        idle,
-        flows.clone(),
-        epoch,
-    ));
-    Ok((inner, last))
+    Ok(Some((inner, last)))
 }
 
-fn pick_inner(target: &Target, peer: SocketAddr) -> SocketAddr {
-    let [own, other] = target.candidates(&peer);
-    let bound = |file: &str| port_is_bound(file, target.port);
-    let (own_file, other_file) = if own.is_ipv4() {
-        ("/proc/net/udp", "/proc/net/udp6")
-    } else {
-        ("/proc/net/udp6", "/proc/net/udp")
+/// Closes this port's least recently used flow; false when the port has none.
+fn evict_least_recent(relay: &Relay) -> bool {
+    let mut table = relay.flows.lock().expect("flow table");
+    let oldest = table
+        .iter()
+        .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
+        .map(|(peer, _)| *peer);
+    let Some(flow) = oldest.and_then(|peer| table.remove(&peer)) else {
+        return false;
     };
-    if !bound(own_file) && bound(other_file) {
-        other
-    } else {
-        own
+    drop(table);
+    // The reply task owns the slot; aborting it drops its guard, which gives the slot back.
+    flow.replies.abort();
+    relay.budget.release();
+    true
+}
+
+/// The family a port's flows go to inside, re-read from /proc/net/udp{,6} at most every
+/// [`FAMILY_RECHECK`].
+#[derive(Default)]
+struct FamilyChoice {
+    /// When the tables were read, and whether IPv4 and IPv6 sockets were bound to the port.
+    seen: Option<(Instant, bool, bool)>,
+}
+
+impl FamilyChoice {
+    fn pick(&mut self, target: &Target, peer: SocketAddr) -> SocketAddr {
+        let [own, other] = target.candidates(&peer);
+        let (v4, v6) = match self.seen {
+            Some((at, v4, v6)) if at.elapsed() < FAMILY_RECHECK => (v4, v6),
+            _ => {
+                let v4 = port_is_bound("/proc/net/udp", target.port);
+                let v6 = port_is_bound("/proc/net/udp6", target.port);
+                self.seen = Some((Instant::now(), v4, v6));
+                (v4, v6)
+            }
+        };
+        let (own_bound, other_bound) = if own.is_ipv4() { (v4, v6) } else { (v6, v4) };
+        if !own_bound && other_bound {
+            other
+        } else {
+            own
+        }
     }
 }
 
@@ -139,123 +286,151 @@ fn port_is_bound(file: &str, port: u16) -> bool {
     })
 }
 
-/// An inner socket bound to the client's own address when asked, falling back as TCP does.
-async fn bind_inner(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = if to.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let Some(from) = from else {
-        return UdpSocket::bind(any).await;
-    };
-    for source in [from, SocketAddr::new(from.ip(), 0)] {
-        let socket = socket_for(source)?;
+/// An inner socket bound to `from` (the address the server is to see), or to the same address with
+/// another port when that port is taken inside. Never to another address: that could show the
+/// client as loopback.
+fn bind_inner(from: SocketAddr, to: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let mut sources = vec![from];
+    if from.port() != 0 {
+        sources.push(SocketAddr::new(from.ip(), 0));
+    }
+    let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
+    for source in sources {
+        let socket = socket_for(to)?;
         let bound = if from.is_ipv6() {
             allow_foreign_bind(&socket)
         } else {
             Ok(())
         }
-        .and_then(|()| socket.bind(&source.into()));
+        .and_then(|()| {
+            nix::sys::socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                &nix::sys::socket::SockaddrStorage::from(source),
+            )
+            .map_err(io::Error::from)
+        });
         match bound {
-            Ok(()) => return UdpSocket::from_std(socket.into()),
-            Err(err) => debug!(%source, ?err, "cannot bind the client's address inside"),
+            Ok(()) => return Ok(std::net::UdpSocket::from(socket)),
+            Err(err) => {
+                debug!(%source, ?err, "cannot bind the client's address inside");
+                last = err;
+            }
         }
     }
-    UdpSocket::bind(any).await
+    Err(last)
 }
 
 /// A non-blocking UDP socket of `addr`'s family, not yet bound.
-fn socket_for(addr: SocketAddr) -> io::Result<SockStd> {
+fn socket_for(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd = socket(
+    Ok(socket(
         family,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
-    )?;
-    Ok(SockStd(fd))
+    )?)
 }
 
-/// An unbound socket on its way to becoming a tokio `UdpSocket`.
-struct SockStd(std::os::fd::OwnedFd);
-
-impl std::os::fd::AsFd for SockStd {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.0.as_fd()
+/// Sends one datagram now, to `to` or to the socket's connected peer. Straight to the kernel rather
+/// than through tokio's readiness, which knows nothing of a socket that has not been polled yet: a UDP
+/// send waits only when the socket's buffer is full, and then the datagram is dropped, as the network
+/// would drop it.
+fn send_now(
+    socket: &impl std::os::fd::AsRawFd,
+    data: &[u8],
+    to: Option<SocketAddr>,
+) -> io::Result<()> {
+    use nix::sys::socket::{send, sendto, MsgFlags, SockaddrStorage};
+    let fd = socket.as_raw_fd();
+    let flags = MsgFlags::MSG_DONTWAIT;
+    match to {
+        Some(to) => sendto(fd, data, &SockaddrStorage::from(to), flags),
+        None => send(fd, data, flags),
     }
+    .map(|_| ())
+    .map_err(io::Error::from)
 }
 
-impl SockStd {
-    fn bind(&self, addr: &nix::sys::socket::SockaddrStorage) -> io::Result<()> {
-        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&self.0), addr)
-            .map_err(io::Error::from)
-    }
+/// Gives a flow's budget slot back and removes it from the table when its reply task ends, however
+/// it ends (idle, failed, or aborted to make room).
+struct FlowGuard {
+    relay: Arc<Relay>,
+    inner: Arc<UdpSocket>,
+    peer: SocketAddr,
 }
 
-impl From<SockStd> for std::net::UdpSocket {
-    fn from(s: SockStd) -> Self {
-        std::net::UdpSocket::from(s.0)
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        let mut table = self.relay.flows.lock().expect("flow table");
+        let ours = table
+            .get(&self.peer)
+            .is_some_and(|f| Arc::ptr_eq(&f.inner, &self.inner));
+        // When it is not ours, `evict_least_recent` removed it and gave the slot back already.
+        if ours {
+            table.remove(&self.peer);
+            drop(table);
+            self.relay.budget.release();
+        }
+        debug!(peer = %self.peer, "UDP flow closed");
     }
 }
 
 /// Sends the server's replies on a flow back to its client, and closes the flow when idle.
-async fn replies(
-    host: Arc<UdpSocket>,
-    inner: Arc<UdpSocket>,
-    peer: SocketAddr,
-    last: Arc<AtomicU64>,
-    idle: Duration,
-    flows: Flows,
-    epoch: Instant,
-) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let reply_to = if host.local_addr().is_ok_and(|a| a.is_ipv4()) {
+async fn replies(relay: Arc<Relay>, inner: Arc<UdpSocket>, peer: SocketAddr, last: Arc<AtomicU64>) {
+    let _guard = FlowGuard {
+        relay: relay.clone(),
+        inner: inner.clone(),
+        peer,
+    };
+    let reply_to = if relay.host.local_addr().is_ok_and(|a| a.is_ipv4()) {
         unmapped(peer)
     } else {
         peer
     };
     loop {
-        let since = Duration::from_millis(
-            epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed),
-        );
-        let wait = idle.saturating_sub(since);
+        // Saturating: another relay thread may store a newer time than this thread's clock read.
+        let since =
+            Duration::from_millis(relay.now_ms().saturating_sub(last.load(Ordering::Relaxed)));
+        let wait = relay.idle.saturating_sub(since);
         if wait.is_zero() {
-            break;
+            return;
         }
-        match tokio::time::timeout(wait, inner.recv(&mut buf)).await {
+        match tokio::time::timeout(wait, inner.readable()).await {
             Err(_) => continue, // re-check: a datagram from the client may have renewed the flow
-            Ok(Ok(len)) => {
-                last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                if let Err(err) = host.send_to(&buf[..len], reply_to).await {
-                    debug!(%peer, ?err, "cannot send a reply to the client");
-                }
+            Ok(Err(err)) => {
+                debug!(%peer, ?err, "UDP flow failed");
+                return;
             }
-            Ok(Err(err)) if err.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            Ok(Ok(())) => {}
+        }
+        let outcome = REPLY_BUFFER.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let len = inner.try_recv(&mut buf)?;
+            if let Err(err) = send_now(&*relay.host, &buf[..len], Some(reply_to)) {
+                debug!(%peer, ?err, "cannot send a reply to the client");
+            }
+            Ok::<_, io::Error>(())
+        });
+        match outcome {
+            Ok(()) => last.store(relay.now_ms(), Ordering::Relaxed),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) if err.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 // Nothing listens where this flow points (the server may not have started when the
                 // flow opened): close it, so the next datagram picks the family again.
                 debug!(%peer, "nothing listens on the UDP port inside; closing the flow");
-                break;
+                return;
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 debug!(%peer, ?err, "UDP flow failed");
-                break;
+                return;
             }
         }
     }
-    let mut table = flows.lock().expect("flow table");
-    if table
-        .get(&peer)
-        .is_some_and(|f| Arc::ptr_eq(&f.inner, &inner))
-    {
-        table.remove(&peer);
-    }
-    debug!(%peer, "UDP flow closed");
 }
 
 #[cfg(test)]
