@@ -124,7 +124,11 @@ impl InitError {
     }
 
     fn from_exec_errno(program: &OsStr, errno: i32) -> InitError {
-        let program = program.to_string_lossy().into_owned();
+        let program = if program.is_empty() {
+            "''".to_owned()
+        } else {
+            program.to_string_lossy().into_owned()
+        };
         let source = io::Error::from_raw_os_error(errno);
         match errno {
             libc::ENOENT => InitError::NotFound { program },
@@ -379,8 +383,9 @@ fn warn_if_left_behind() {
     let left = descendants_of_self();
     if left > 0 {
         tracing::warn!(
-            "the command exited and left {left} process{}, which were stopped; run it in the foreground (for example nginx -g 'daemon off;', or your server's --foreground or --no-daemon option)",
-            if left == 1 { "" } else { "es" }
+            "the command exited and left {left} {}, which {} stopped; run it in the foreground (for example nginx -g 'daemon off;', or your server's --foreground or --no-daemon option)",
+            if left == 1 { "process" } else { "processes" },
+            if left == 1 { "was" } else { "were" }
         );
     }
 }
