@@ -1,0 +1,676 @@
+//! Hardening (issue 7): a hostile server inside cannot reach lowport or its pid-1 helper, forwarded
+//! signals reach a server that switched uid, the command gets the caller's limits and environment back,
+//! and resource shortages end in a message rather than a panic.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+
+use lowport_tests::*;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::Signal;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+/// A directory that the test removes when it ends, however it ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory that every uid may read and search.
+    fn new(tag: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("lowport-hostile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file every uid may read.
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends. Its stdout and stderr,
+/// when piped, are read by threads so that a process that keeps them open cannot hang the test.
+struct Running {
+    child: Child,
+    out: Option<Receiver<String>>,
+    err: Option<Receiver<String>>,
+}
+
+fn read_in_background(mut r: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+impl Running {
+    /// Spawns `cmd` with stdout and stderr piped; stdin is whatever `cmd` says (null by default).
+    fn spawn(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let out = child.stdout.take().map(read_in_background);
+        let err = child.stderr.take().map(read_in_background);
+        Running { child, out, err }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to [`PATIENCE`] for the exit; on time-out kills the process and fails the test.
+    /// Returns the exit code, stdout and stderr.
+    fn finish(mut self, what: &str) -> (i32, String, String) {
+        let Some(status) = wait_with_deadline(&mut self.child, PATIENCE) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let err = self
+                .err
+                .take()
+                .and_then(|rx| rx.recv_timeout(PATIENCE).ok())
+                .unwrap_or_default();
+            panic!("{what}: lowport did not exit within {PATIENCE:?}; stderr: {err}");
+        };
+        let collect = |rx: Option<Receiver<String>>, name: &str| {
+            rx.map(|rx| {
+                rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+                    panic!("{what}: lowport exited but its {name} stayed open: a process was left behind")
+                })
+            })
+            .unwrap_or_default()
+        };
+        let out = collect(self.out.take(), "stdout");
+        let err = collect(self.err.take(), "stderr");
+        (exit_code(status), out, err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The test user with subordinate ranges, when the tests are root and it exists.
+fn subid_user() -> Option<(u32, u32)> {
+    let ids = user_ids(SUBID_USER);
+    require(
+        ids.is_some() && is_root(),
+        &format!("root, to run as the test user {SUBID_USER} (make test creates it)"),
+    )
+    .then_some(ids?)
+}
+
+/// The first host id of the test user's subordinate range in /etc/subuid (inside id 1).
+fn subuid_start() -> u32 {
+    let text = std::fs::read_to_string("/etc/subuid").unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{SUBID_USER}:")))
+        .and_then(|l| l.split(':').nth(1)?.parse().ok())
+        .expect("a range for the test user in /etc/subuid")
+}
+
+/// The host uid a process inside runs as: first field of `Uid:` in /proc/PID/status.
+fn host_uid(pid: u32) -> Option<u32> {
+    proc_status_field(pid, "Uid")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A copy of lowport with the file capability cap_net_bind_service, in a directory of its own; None
+/// (after `require`) when the tests are not root or setcap is missing.
+fn setcap_copy(tag: &str) -> Option<(TempDir, PathBuf)> {
+    let setcap = ["/usr/sbin/setcap", "/sbin/setcap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    if !require(
+        is_root() && setcap.is_some(),
+        "root and setcap (package libcap2-bin)",
+    ) {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let bin = dir.path().join("lowport");
+    std::fs::copy(lowport_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = Command::new(setcap.unwrap())
+        .arg("cap_net_bind_service=ep")
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(status.success(), "setcap failed");
+    Some((dir, bin))
+}
+
+/// Each line of stderr that starts as lowport's own error messages do.
+fn has_lowport_message(err: &str) -> bool {
+    err.lines().any(|l| l.starts_with("lowport: "))
+}
+
+// --- 1. A hostile server inside ----------------------------------------------------------------
+
+/// Run as the command: tries to take over the pid-1 helper and lowport, and prints one JSON line per
+/// attempt. The first line names the host pids it aimed at.
+const HOSTILE: &str = r#"
+import ctypes, errno, json, os
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+SYS_PTRACE, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 101, 434, 438
+PTRACE_ATTACH, PTRACE_DETACH, WALL = 16, 17, 0x40000000
+
+def report(attempt, result, err):
+    print(json.dumps({"attempt": attempt, "ok": result >= 0,
+                      "errno": 0 if result >= 0 else err}), flush=True)
+    return result >= 0
+
+def ppid(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+
+# /proc is the host's procfs: /proc/self is this process's host pid, PPid is in host pids.
+me = int(os.readlink("/proc/self"))
+helper = ppid(me)
+lowport = ppid(helper)
+print(json.dumps({"me": me, "helper": helper, "lowport": lowport}), flush=True)
+
+r = libc.syscall(SYS_PTRACE, PTRACE_ATTACH, 1, 0, 0)
+if report("ptrace(PTRACE_ATTACH, 1)", r, ctypes.get_errno()):
+    # Let the helper go again, so that lowport can still end.
+    try:
+        os.waitpid(1, WALL)
+    except OSError:
+        pass
+    libc.syscall(SYS_PTRACE, PTRACE_DETACH, 1, 0, 0)
+
+pidfd = libc.syscall(SYS_PIDFD_OPEN, 1, 0)
+pidfd_errno = ctypes.get_errno()
+for fd in range(11):
+    if pidfd < 0:
+        report("pidfd_getfd(pidfd_open(1) failed, %d)" % fd, -1, pidfd_errno)
+        continue
+    r = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if report("pidfd_getfd(pidfd_open(1), %d)" % fd, r, ctypes.get_errno()):
+        os.close(r)
+
+for name, pid in (("helper", helper), ("lowport", lowport)):
+    try:
+        os.close(os.open("/proc/%d/mem" % pid, os.O_RDWR))
+        report("open /proc/%d/mem O_RDWR (%s)" % (pid, name), 0, 0)
+    except OSError as e:
+        report("open /proc/%d/mem O_RDWR (%s)" % (pid, name), -1, e.errno)
+"#;
+
+/// Runs the hostile script under `lowport` (already given its `run` options up to `--`) and checks
+/// that every attempt failed for lack of permission.
+fn hostile_server_gets_nothing(mut cmd: Command, tag: &str) {
+    if !require(Path::new(PYTHON).exists(), "/usr/bin/python3") {
+        return;
+    }
+    let dir = TempDir::new(tag);
+    let script = dir.write("hostile.py", HOSTILE);
+    cmd.arg(PYTHON).arg(&script);
+    let run = Running::spawn(&mut cmd);
+    let lowport_pid = run.pid();
+    let (code, out, err) = run.finish("the hostile script");
+    assert_eq!(
+        code, 0,
+        "the script itself must run to its end; stderr: {err}"
+    );
+    let mut lines = out.lines().map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("bad line {l:?} ({e}); stdout: {out}"))
+    });
+    let pids = lines.next().expect("the script's first line");
+    assert_eq!(
+        pids["lowport"], lowport_pid,
+        "the script must aim at the real lowport: {pids}"
+    );
+    let attempts: Vec<serde_json::Value> = lines.collect();
+    assert_eq!(attempts.len(), 1 + 11 + 2, "every attempt reported: {out}");
+    let succeeded: Vec<&serde_json::Value> = attempts.iter().filter(|a| a["ok"] == true).collect();
+    assert!(
+        succeeded.is_empty(),
+        "a server inside reached the helper or lowport: {succeeded:?}\n(helper and lowport must be non-dumpable; all attempts: {out})"
+    );
+    // A refusal, not an accident: EPERM or EACCES, or EBADF for a descriptor the helper does not hold
+    // (the kernel checks the permission before it looks the descriptor up).
+    for a in &attempts {
+        let errno = a["errno"].as_i64().unwrap_or_default() as i32;
+        let getfd = a["attempt"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("pidfd_getfd");
+        assert!(
+            errno == libc::EPERM || errno == libc::EACCES || (getfd && errno == libc::EBADF),
+            "failed for another reason than a refused permission: {a}"
+        );
+    }
+}
+
+/// With `--userns single`, the server (root inside, the caller's uid outside) can neither ptrace the
+/// pid-1 helper, nor take its descriptors with pidfd_getfd, nor open the helper's or lowport's memory.
+#[test]
+fn a_hostile_server_cannot_reach_the_helper_or_lowport_with_a_single_id() {
+    let mut cmd = lowport();
+    cmd.args(["run", "--userns", "single", "--"]);
+    hostile_server_gets_nothing(cmd, "single");
+}
+
+/// The same with `--userns subids`, run by the test user that has subordinate ranges.
+#[test]
+fn a_hostile_server_cannot_reach_the_helper_or_lowport_with_subids() {
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args(["run", "--userns", "subids", "--"]);
+    hostile_server_gets_nothing(cmd, "subids");
+}
+
+// --- 2. Signals reach a command that switched uid ----------------------------------------------
+
+/// SIGTERM sent to lowport reaches a command that switched to uid 33 inside (`--userns subids`):
+/// lowport exits with 143 instead of waiting for ever, and the command is gone.
+#[test]
+fn sigterm_reaches_a_command_that_switched_uid() {
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args(["run", "--userns", "subids", "--ready-fd", "3", "--"])
+        .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
+        .args(["sleep", "1000"]);
+    let mut launch = Launch::start(cmd);
+    let sleeper = launch.pid;
+    // Only once the command runs as uid 33 does the signal test anything.
+    let uid_33 = subuid_start() + 32;
+    eventually("the command to switch to uid 33", || {
+        (host_uid(sleeper)? == uid_33).then_some(())
+    });
+    launch.signal(Signal::SIGTERM);
+    let status = wait_with_deadline(&mut launch.child, PATIENCE);
+    let err = if status.is_some() {
+        launch.stderr()
+    } else {
+        String::new()
+    };
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "lowport did not exit within {PATIENCE:?} of SIGTERM: the signal never reached the command running as uid 33"
+        )
+    });
+    assert_eq!(exit_code(status), 143, "{err}");
+    assert!(!err.contains("cannot pass"), "{err}");
+    eventually("the command to be gone", || {
+        (!process_exists(sleeper)).then_some(())
+    });
+}
+
+/// lighttpd as packaged: it binds port 80 as root inside, switches to www-data, serves a GET through
+/// the relay, and stops when lowport gets SIGTERM.
+#[test]
+fn lighttpd_switching_to_www_data_serves_and_stops_on_sigterm() {
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let lighttpd = ["/usr/sbin/lighttpd", "/usr/bin/lighttpd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let www = nix::unistd::User::from_name("www-data").ok().flatten();
+    if !require(
+        lighttpd.is_some() && www.is_some(),
+        "lighttpd (package lighttpd) and the www-data user",
+    ) {
+        return;
+    }
+    let www_uid = www.unwrap().uid.as_raw();
+    let dir = TempDir::new("lighttpd");
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("www"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    dir.write("www/index.html", "served by lighttpd under lowport\n");
+    let d = dir.path().display();
+    // No server.errorlog: lighttpd keeps the stderr it was given (reopening /dev/stderr as root
+    // inside is refused).
+    let conf = dir.write(
+        "lighttpd.conf",
+        &format!(
+            "server.port = 80\nserver.username = \"www-data\"\nserver.groupname = \"www-data\"\n\
+             server.document-root = \"{d}/www\"\nserver.pid-file = \"{d}/lighttpd.pid\"\n\
+             server.upload-dirs = ( \"{d}\" )\nindex-file.names = ( \"index.html\" )\n"
+        ),
+    );
+    // lighttpd, root inside, writes its pid file here before it switches user.
+    nix::unistd::chown(
+        dir.path(),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .unwrap();
+
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    cmd.args([
+        "run",
+        "--userns",
+        "subids",
+        "-p",
+        "127.0.0.1:0:80",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(lighttpd.unwrap())
+    .args(["-D", "-f"])
+    .arg(&conf);
+    let mut launch = Launch::start(cmd);
+    let body = eventually("lighttpd to answer", || {
+        match http(launch.addr(), "GET", "/", b"") {
+            Ok((200, body)) => Some(body),
+            _ => None,
+        }
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "served by lighttpd under lowport\n"
+    );
+    let server = launch.pid;
+    let www_host_uid = subuid_start() + www_uid - 1;
+    eventually("lighttpd to run as www-data", || {
+        (host_uid(server)? == www_host_uid).then_some(())
+    });
+    launch.signal(Signal::SIGTERM);
+    // lighttpd's own status is 0 as a rule (1 was seen once under load): only the prompt exit counts.
+    assert!(
+        wait_with_deadline(&mut launch.child, PATIENCE).is_some(),
+        "lowport did not exit within {PATIENCE:?} of SIGTERM: the signal never reached lighttpd running as www-data"
+    );
+    let err = launch.stderr();
+    assert!(!err.contains("cannot pass"), "{err}");
+    assert!(!has_lowport_message(&err), "{err}");
+    eventually("lighttpd to be gone", || {
+        (!process_exists(server)).then_some(())
+    });
+}
+
+// --- 3. The caller's soft open-file limit --------------------------------------------------------
+
+/// lowport raises its own soft RLIMIT_NOFILE, but the command gets the caller's back: `ulimit -Sn`
+/// says the same under lowport as without it.
+#[test]
+fn the_command_gets_the_callers_soft_open_file_limit() {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let hard = if is_root() { 20000 } else { hard.min(20000) };
+    let soft = 1000;
+    if !require(hard > soft, "an open-file hard limit above 1000") {
+        return;
+    }
+    let limited = |cmd: &mut Command| {
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(std::io::Error::from)
+            });
+        }
+    };
+    let mut plain = unprivileged_as(NOBODY, NOBODY, "/bin/sh".as_ref());
+    plain.args(["-c", "ulimit -Sn"]);
+    limited(&mut plain);
+    let (code, without, err) = run_to_end(&mut plain);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(without.trim(), soft.to_string(), "the limit the caller set");
+
+    let mut cmd = lowport();
+    cmd.args(["run", "--", "sh", "-c", "ulimit -Sn"]);
+    limited(&mut cmd);
+    let (code, under, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        under.trim(),
+        without.trim(),
+        "the command's soft open-file limit under lowport"
+    );
+}
+
+// --- 4. The whole environment with a setcap'd lowport ------------------------------------------
+
+/// glibc's secure mode strips LD_LIBRARY_PATH, TMPDIR, TZDIR, LOCPATH, GCONV_PATH and RES_OPTIONS
+/// from a binary with a file capability; the command must still get every one the caller set.
+#[test]
+fn a_setcap_lowport_passes_the_callers_whole_environment() {
+    let Some((_dir, bin)) = setcap_copy("env") else {
+        return;
+    };
+    let vars = [
+        ("LD_LIBRARY_PATH", "/nonexistent/lowport-lib"),
+        ("TMPDIR", "/nonexistent/lowport-tmp"),
+        ("TZDIR", "/nonexistent/lowport-zoneinfo"),
+        ("LOCPATH", "/nonexistent/lowport-locale"),
+        ("GCONV_PATH", "/nonexistent/lowport-gconv"),
+        ("RES_OPTIONS", "ndots:3"),
+        ("LOWPORT_TEST_PLAIN", "kept"),
+    ];
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, &bin);
+    cmd.args(["run", "--", "env"]).envs(vars);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    let missing: Vec<String> = vars
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .filter(|kv| !out.lines().any(|l| l == kv))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing from the command's environment: {missing:?}\nenv: {out}"
+    );
+}
+
+// --- 5. Empty command, inherited LISTEN_*, a command that daemonizes ---------------------------
+
+/// An empty command name is a command that is not found: 127, as a shell says, not 126.
+#[test]
+fn an_empty_command_name_is_not_found() {
+    let (code, _, err) = run_to_end(lowport().args(["run", "--", ""]));
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("command not found"), "{err}");
+}
+
+/// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES meant for lowport (from its own parent) never reach the
+/// command, which would otherwise take descriptor 3 for a socket.
+#[test]
+fn inherited_listen_variables_do_not_reach_the_command() {
+    let mut cmd = lowport();
+    cmd.args(["run", "--", "env"]).envs([
+        ("LISTEN_PID", "2"),
+        ("LISTEN_FDS", "1"),
+        ("LISTEN_FDNAMES", "x"),
+    ]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    let leaked: Vec<&str> = out.lines().filter(|l| l.starts_with("LISTEN_")).collect();
+    assert!(leaked.is_empty(), "reached the command: {leaked:?}");
+}
+
+/// A command that starts a background process and exits: lowport warns that it "left" processes and
+/// to run it in the "foreground", exits with the command's status, and the background process is gone.
+#[test]
+fn a_command_that_daemonizes_is_warned_about_and_cleaned_up() {
+    // A distinctive argument finds the background sleep among the host's processes.
+    let tag = format!("1000.{}", std::process::id());
+    let mut cmd = lowport();
+    cmd.args(["run", "--", "sh", "-c"])
+        .arg(format!("sleep {tag} & echo started; read _; exit 3"))
+        .stdin(Stdio::piped());
+    let mut run = Running::spawn(&mut cmd);
+    let lowport_pid = run.pid();
+    let stdin = run.child.stdin.take().unwrap();
+    // The background sleep, found under lowport in the host's /proc, is the event to wait for.
+    let sleeper = eventually("the background sleep to start", || {
+        descendants(lowport_pid).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c == format!("sleep\0{tag}\0").as_bytes())
+        })
+    });
+    // End of input: the shell's `read` returns and it exits 3, leaving the sleep behind.
+    drop(stdin);
+    let (code, out, err) = run.finish("a command that left a background process");
+    assert_eq!(out, "started\n");
+    assert_eq!(code, 3, "the command's own status; stderr: {err}");
+    assert!(
+        err.contains("left") && err.contains("foreground"),
+        "a warning that the command left processes and should run in the foreground: {err:?}"
+    );
+    eventually("the background sleep to be gone", || {
+        (!process_exists(sleeper)).then_some(())
+    });
+}
+
+// --- 6. Socket activation with a port that needed the file capability --------------------------
+
+/// `--socket-activation` would hand a port below ip_unprivileged_port_start, bound only thanks to the
+/// file capability, to an arbitrary command: refused with status 2 before anything starts, for TCP and
+/// for UDP.
+#[test]
+fn socket_activation_refuses_a_port_bound_with_the_file_capability() {
+    let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
+    if !require(start > 700, "a host where ports below 700 need privilege") {
+        return;
+    }
+    let Some((_dir, bin)) = setcap_copy("activation") else {
+        return;
+    };
+    let port = (700..start.min(1000) as u16)
+        .find(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok()
+        })
+        .expect("a free port between 700 and 1000");
+    for publish in [
+        format!("127.0.0.1:{port}:80"),
+        format!("127.0.0.1:{port}:80/udp"),
+    ] {
+        let mut cmd = unprivileged_as(NOBODY, NOBODY, &bin);
+        cmd.args(["run", "--socket-activation", "-p", &publish, "--"])
+            .args(["sh", "-c", "echo started"]);
+        let (code, out, err) = run_to_end(&mut cmd);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(code, 2, "-p {publish}: {err}");
+        assert!(err.contains("--socket-activation"), "-p {publish}: {err}");
+        assert!(err.contains(&port.to_string()), "-p {publish}: {err}");
+        assert_eq!(out, "", "-p {publish}: the command must not start");
+    }
+}
+
+// --- 7. Shortages end in a message, not a panic ------------------------------------------------
+
+/// A uid with no passwd entry and no process, so that RLIMIT_NPROC counts only lowport's own threads
+/// and processes (uid 65534 runs the other tests' processes in parallel).
+fn unused_uid() -> u32 {
+    let mut used = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(uid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse().ok())
+            .and_then(host_uid)
+        {
+            used.insert(uid);
+        }
+    }
+    (60000..65000)
+        .find(|u| {
+            !used.contains(u)
+                && nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*u))
+                    .ok()
+                    .flatten()
+                    .is_none()
+        })
+        .expect("an unused uid between 60000 and 65000")
+}
+
+/// With RLIMIT_NPROC too low for lowport's threads and processes, lowport either manages or ends with
+/// a "lowport: " message and status 125 (or 2), never a panic (status 101).
+#[test]
+fn too_few_processes_is_a_message_not_a_panic() {
+    if !require(is_root(), "root, to run lowport as a uid of its own") {
+        return;
+    }
+    let uid = unused_uid();
+    for nproc in 1..=6u64 {
+        let mut cmd = unprivileged_as(uid, uid, &lowport_bin());
+        cmd.args(["run", "--userns", "single", "--", "true"]);
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec; the limit
+        // binds once setpriv has switched to `uid`.
+        unsafe {
+            cmd.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_NPROC, nproc, nproc).map_err(std::io::Error::from)
+            });
+        }
+        let (code, _, err) = run_to_end(&mut cmd);
+        assert!(!err.contains("panicked"), "nproc {nproc}: {err}");
+        assert_ne!(code, 101, "nproc {nproc}: {err}");
+        if code != 0 {
+            assert!(
+                code == 125 || code == 2,
+                "nproc {nproc}: status {code}: {err}"
+            );
+            assert!(has_lowport_message(&err), "nproc {nproc}: {err}");
+        }
+    }
+}
+
+/// 55 published ports with 64 descriptors in all (soft and hard): a "lowport: " message and status
+/// 125 or 2, never a panic.
+#[test]
+fn too_few_descriptors_for_the_ports_is_a_message_not_a_panic() {
+    let mut cmd = lowport();
+    cmd.arg("run");
+    for port in 1001..=1055 {
+        cmd.args(["-p", &format!("127.0.0.1:0:{port}")]);
+    }
+    cmd.args(["--", "true"]);
+    // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| setrlimit(Resource::RLIMIT_NOFILE, 64, 64).map_err(std::io::Error::from));
+    }
+    let (code, _, err) = run_to_end(&mut cmd);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(code == 125 || code == 2, "status {code}: {err}");
+    assert!(err.trim_start().starts_with("lowport: "), "{err}");
+}
