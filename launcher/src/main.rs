@@ -177,7 +177,7 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
     };
     // Colours only on a terminal, and not when the user opted out (https://no-color.org).
     let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
