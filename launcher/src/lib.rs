@@ -15,6 +15,9 @@
 //!   forwards signals, reaps, and dies with the launcher, taking every process of the command along.
 //! - [`forward`]: relays each host connection to the port inside with splice(2), on a tokio runtime
 //!   that starts only after the namespaces exist.
+//! - [`udp`]: the UDP relay, one inner socket per client flow, bounded; [`sockdiag`] tells it which
+//!   family a port's server listens on.
+//! - [`rtnetlink`]: the routes that let the relay connect from a client's own address.
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
 
 pub mod capabilities;
@@ -25,6 +28,7 @@ pub mod launch;
 pub mod netns;
 pub mod publish;
 pub mod rtnetlink;
+pub mod sockdiag;
 pub mod sys;
 pub mod udp;
 pub mod userns;

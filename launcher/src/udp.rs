@@ -11,8 +11,11 @@
 //!
 //! Which family inside: the client's own, unless only the other family has a socket bound to the
 //! port, since a UDP send to a port nobody listens on does not fail the way a TCP connect does. The
-//! answer comes from /proc/net/udp and /proc/net/udp6 of this namespace, read at most every
-//! [`FAMILY_RECHECK`] per port, never once per flow.
+//! kernel answers that for each new flow with one exact socket lookup (`sockdiag`); where it cannot,
+//! /proc/net/udp and /proc/net/udp6 are read, at most every [`FAMILY_RECHECK`] per port.
+//!
+//! A flood of new flows must not stall the TCP relay on the same thread: the loop yields after each
+//! flow it opens.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -168,7 +171,12 @@ async fn relay(
         let (inner, last) = match existing {
             Some(flow) => flow,
             None => match open_flow(&relay, peer, &mut family) {
-                Ok(Some(flow)) => flow,
+                Ok(Some(flow)) => {
+                    // Opening a flow takes a handful of system calls; let other tasks (the TCP
+                    // relay) run between two, so a flood of new source ports cannot stall them.
+                    tokio::task::yield_now().await;
+                    flow
+                }
                 Ok(None) => continue,
                 Err(err) => {
                     warn!(%peer, port = relay.target.port, ?err, "cannot open a UDP flow inside; dropping the datagram");
@@ -244,10 +252,13 @@ fn evict_least_recent(relay: &Relay) -> bool {
     true
 }
 
-/// The family a port's flows go to inside, re-read from /proc/net/udp{,6} at most every
-/// [`FAMILY_RECHECK`].
+/// The family a port's flows go to inside: asked of the kernel for each new flow with an exact
+/// sock_diag lookup, or, where the kernel cannot answer those, read from /proc/net/udp{,6} at most
+/// every [`FAMILY_RECHECK`].
 #[derive(Default)]
 struct FamilyChoice {
+    /// `Some(None)` once the kernel was found unable to answer.
+    lookup: Option<Option<crate::sockdiag::UdpLookup>>,
     /// When the tables were read, and whether IPv4 and IPv6 sockets were bound to the port.
     seen: Option<(Instant, bool, bool)>,
 }
@@ -255,20 +266,52 @@ struct FamilyChoice {
 impl FamilyChoice {
     fn pick(&mut self, target: &Target, peer: SocketAddr) -> SocketAddr {
         let [own, other] = target.candidates(&peer);
-        let (v4, v6) = match self.seen {
-            Some((at, v4, v6)) if at.elapsed() < FAMILY_RECHECK => (v4, v6),
-            _ => {
-                let v4 = port_is_bound("/proc/net/udp", target.port);
-                let v6 = port_is_bound("/proc/net/udp6", target.port);
-                self.seen = Some((Instant::now(), v4, v6));
-                (v4, v6)
+        let (own_bound, other_bound) = match self
+            .lookup
+            .get_or_insert_with(crate::sockdiag::UdpLookup::open)
+        {
+            Some(lookup) => {
+                let own_bound = lookup.is_bound(target.port, own.is_ipv6());
+                let other_bound = match own_bound {
+                    Ok(true) => Ok(false),
+                    _ => lookup.is_bound(target.port, other.is_ipv6()),
+                };
+                match (own_bound, other_bound) {
+                    (Ok(own), Ok(other)) => (own, other),
+                    (Err(err), _) | (_, Err(err)) => {
+                        debug!(
+                            ?err,
+                            "sock_diag lookup failed; reading /proc/net/udp instead"
+                        );
+                        self.lookup = Some(None);
+                        self.scan(own.is_ipv4(), target.port)
+                    }
+                }
             }
+            None => self.scan(own.is_ipv4(), target.port),
         };
-        let (own_bound, other_bound) = if own.is_ipv4() { (v4, v6) } else { (v6, v4) };
         if !own_bound && other_bound {
             other
         } else {
             own
+        }
+    }
+
+    /// (own family bound, other family bound) from /proc/net/udp{,6}, cached.
+    fn scan(&mut self, own_is_v4: bool, port: u16) -> (bool, bool) {
+        let (v4, v6) = match self.seen {
+            Some((at, v4, v6)) if at.elapsed() < FAMILY_RECHECK => (v4, v6),
+            _ => {
+                let v4 = port_is_bound("/proc/net/udp", port);
+                let v6 = port_is_bound("/proc/net/udp6", port);
+                self.seen = Some((Instant::now(), v4, v6));
+                (v4, v6)
+            }
+        };
+        if own_is_v4 {
+            (v4, v6)
+        } else {
+            (v6, v4)
         }
     }
 }
