@@ -1,10 +1,11 @@
-# lowport: `make demo` runs the demo server under lowport, `make test` runs every test.
-# Both do their own set-up; as root they also install what is missing from Debian's packages.
+# lowport: `make demo` runs the demo server under lowport, `make test` runs every test, `make stress`
+# the stress scenarios (a few minutes).
+# They do their own set-up; as root they also install what is missing from Debian's packages.
 
 CARGO ?= cargo
 DEMO_PORT ?= 8080
 
-.PHONY: all build release setup demo test lint bench clean
+.PHONY: all build release setup demo test stress lint bench clean
 
 all: build
 
@@ -23,6 +24,12 @@ demo: setup build
 
 test: setup build
 	$(CARGO) test --workspace
+
+# The stress scenarios of tests/tests/stress.rs (10,000 idle connections, lazy clients, a UDP flood,
+# clients that reset, the server killed mid-transfer), one at a time, each printing a `stress:` line
+# of figures. They are #[ignore]d, so `make test` skips them. CI runs this after `make test`.
+stress: setup build
+	$(CARGO) test -p lowport-tests --test stress -- --ignored --test-threads=1 --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check
