@@ -28,8 +28,8 @@ test: setup build
 # The stress scenarios of tests/tests/stress.rs (10,000 idle connections, lazy clients, a UDP flood,
 # clients that reset, the server killed mid-transfer), one at a time, each printing a `stress:` line
 # of figures. They are #[ignore]d, so `make test` skips them. CI runs this after `make test`.
-stress: setup build
-	$(CARGO) test -p lowport-tests --test stress -- --ignored --test-threads=1 --nocapture
+stress: setup release
+	$(CARGO) test --release -p lowport-tests --test stress -- --ignored --test-threads=1 --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check

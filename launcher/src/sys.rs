@@ -194,6 +194,14 @@ pub unsafe fn own_raw(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Gives the allocator's free memory back to the system (glibc's malloc_trim(3)): after a burst of
+/// short-lived allocations, such as thousands of UDP flows that expired, the heap would otherwise keep
+/// its peak size.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only reorganises the allocator's own free memory; it has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Whether the process runs in glibc's secure mode (AT_SECURE): a binary with a file capability does,
 /// and its loader then removed variables such as LD_LIBRARY_PATH and TMPDIR from `environ`.
 pub fn secure_mode() -> bool {

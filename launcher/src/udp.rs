@@ -416,8 +416,16 @@ impl Drop for FlowGuard {
         // When it is not ours, `evict_least_recent` removed it and gave the slot back already.
         if ours {
             table.remove(&self.peer);
+            let last = table.is_empty();
+            if last {
+                table.shrink_to_fit();
+            }
             drop(table);
             self.relay.budget.release();
+            if last {
+                // The burst is over: give its memory back, so a flood leaves no lasting footprint.
+                crate::sys::release_free_memory();
+            }
         }
         debug!(peer = %self.peer, "UDP flow closed");
     }
