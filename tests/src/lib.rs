@@ -41,9 +41,52 @@ pub fn require(ok: bool, what: &str) -> bool {
     }
     // Straight to the process's stderr: the test harness captures eprintln! of passing tests, and a
     // skip must not look like a pass.
-    use std::io::Write as _;
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: this test needs {what}");
+    record_skip(what);
     false
+}
+
+/// Appends "TEST: needs WHAT" to the file named by `LOWPORT_SKIPPED`, if set: `make test` lists that
+/// file at the end, since the harness reports a test that returned early as "ok".
+fn record_skip(what: &str) {
+    let Some(list) = std::env::var_os("LOWPORT_SKIPPED").filter(|v| !v.is_empty()) else {
+        return;
+    };
+    // The harness names each test's thread after the test (with --test-threads=1 it runs tests on
+    // the main thread instead).
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(str::to_owned)
+        .unwrap_or_else(|| "a test in ".to_owned() + &test_binary());
+    // One write per line to a file opened for appending: lines from tests running in parallel, in
+    // this process or another, do not interleave.
+    let line = format!("{test}: needs {what}\n");
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&list)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(err) = written {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "cannot record the skip in {}: {err}",
+            Path::new(&list).display()
+        );
+    }
+}
+
+/// The name of the test executable without cargo's hash, such as "forwarding".
+fn test_binary() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match stem.rsplit_once('-') {
+        Some((name, _hash)) => name.to_owned(),
+        None => stem,
+    }
 }
 
 fn target_dir() -> PathBuf {
@@ -486,4 +529,74 @@ pub fn sysctl(path: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// `/proc/net/tcp` state of a listening socket.
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// One TCP socket from `/proc/PID/net/tcp` or `tcp6`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The kernel's TCP state number: 1 established, 6 TIME_WAIT, 0x0A listening, ...
+    pub state: u8,
+    /// 0 for a socket no file refers to (TIME_WAIT, or not yet accepted).
+    pub inode: u64,
+}
+
+/// Every TCP socket (IPv4 and IPv6) of the network namespace that `pid` is in.
+pub fn tcp_sockets(pid: u32) -> Vec<TcpEntry> {
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    Some(TcpEntry {
+                        local_port: port(f.get(1)?)?,
+                        remote_port: port(f.get(2)?)?,
+                        state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                        inode: f.get(9)?.parse().ok()?,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The inodes of the sockets among `pid`'s open files.
+pub fn held_sockets(pid: u32) -> std::collections::HashSet<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The TCP sockets lowport holds other than its listeners: for each relayed connection, the
+/// accepted client's socket (in the host's network namespace, the tests' own) and the socket to the
+/// server (in the command's namespace). Empty when the relay holds no connection.
+pub fn relayed_sockets(launch: &Launch) -> Vec<TcpEntry> {
+    let held = held_sockets(launch.child.id());
+    let mut seen = std::collections::HashSet::new();
+    tcp_sockets(std::process::id())
+        .into_iter()
+        .chain(tcp_sockets(launch.pid))
+        .filter(|s| s.state != TCP_LISTEN && held.contains(&s.inode) && seen.insert(s.inode))
+        .collect()
 }

@@ -119,6 +119,7 @@ fn no_preserve_source_shows_the_relay_instead() {
 fn udp_replies_go_back_to_each_client_with_its_address() {
     let launch = launch(&["127.0.0.1:0:53/udp"], &[], &["--udp-echo", "53"]);
     let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
+    wait_for_udp_server(to);
     let mut clients = Vec::new();
     for source in ["127.0.0.9", "127.0.0.10", "127.0.0.1"] {
         clients.push((source, udp_echo_from(source, to, 100)));
@@ -141,8 +142,66 @@ fn udp_without_preserved_source_still_answers_the_right_client() {
         &["--udp-echo", "53"],
     );
     let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
+    wait_for_udp_server(to);
     let (reply, _) = udp_echo_from("127.0.0.9", to, 10);
     assert_eq!(reply["peer_ip"], "127.0.0.1", "{reply}");
+}
+
+/// Sends one datagram of `len` bytes at a time, each from a fresh socket on `source` (so each opens a
+/// new flow in lowport), until a reply satisfies `want`; returns it and the address it answered.
+/// lowport picks a flow's family inside when the flow opens and keeps it, so a client that wants to
+/// see a change inside (the server binding its second family) must come from a new address.
+fn udp_echo_until(
+    source: &str,
+    to: SocketAddr,
+    len: usize,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, SocketAddr) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let payload = vec![b'x'; len];
+    let mut buf = vec![0u8; 65536];
+    let mut last = None;
+    loop {
+        let sock = UdpSocket::bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let me = sock.local_addr().unwrap();
+        if sock.send_to(&payload, to).is_ok() {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let reply: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+                if want(&reply) {
+                    return (reply, me);
+                }
+                last = Some(reply);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; the last reply: {last:?}"
+        );
+    }
+}
+
+/// Waits until demo-server (binding 0.0.0.0, then [::]) answers a new flow from a loopback client of
+/// `to`'s family over that same family inside.
+///
+/// lowport picks a flow's family inside when the flow opens, from which families have the port
+/// bound (/proc/net/udp, then udp6, re-read at most every 250 ms), and keeps it for the flow's
+/// lifetime. While the server is starting that picture can be wrong: an IPv6 client that comes
+/// between the two binds goes to IPv4, and an IPv4 client whose look-up straddles both binds
+/// (udp: nothing yet, udp6: bound) goes to IPv6. Either way the server sees the client under the
+/// other family's loopback address. Once a flow has gone the right way with the server up, every
+/// later look-up sees both families.
+fn wait_for_udp_server(to: SocketAddr) {
+    let source = if to.is_ipv4() { "127.0.0.1" } else { "::1" };
+    udp_echo_until(
+        source,
+        to,
+        1,
+        "the server to answer a loopback client over the client's own family",
+        |reply| reply["peer_ip"] == source,
+    );
 }
 
 #[test]
@@ -152,18 +211,30 @@ fn udp_over_ipv6_and_fallback_to_an_ipv4_only_server() {
     }
     let launch = launch(&["[::1]:0:53/udp"], &[], &["--udp-echo", "53"]);
     let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), launch.host_port());
+    wait_for_udp_server(to);
     let (reply, me) = udp_echo_from("::1", to, 1000);
     assert_eq!(reply["peer_ip"], "::1", "{reply}");
     assert_eq!(reply["peer_port"], me.port(), "{reply}");
+    assert_eq!(reply["len"], 1000, "{reply}");
     drop(launch);
 
+    // An IPv4-only server: an IPv6 client that is ::1 is on the host's loopback, so it is shown as
+    // 127.0.0.1 with its own port (see Target::source_for). Fresh clients again: a flow opened
+    // before the server bound 0.0.0.0 went to IPv6, where nothing will answer.
     let launch = launch_v4_only_udp();
     let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), launch.host_port());
-    let (reply, _) = udp_echo_from("::1", to, 10);
+    let (reply, me) = udp_echo_until(
+        "::1",
+        to,
+        10,
+        "an IPv4-only server to answer an IPv6 client",
+        |_| true,
+    );
     assert_eq!(
         reply["peer_ip"], "127.0.0.1",
-        "an IPv6 client of an IPv4-only server arrives as the relay: {reply}"
+        "an IPv6 loopback client of an IPv4-only server is shown as IPv4 loopback: {reply}"
     );
+    assert_eq!(reply["peer_port"], me.port(), "{reply}");
 }
 
 fn launch_v4_only_udp() -> Launch {

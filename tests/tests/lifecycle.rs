@@ -169,9 +169,24 @@ fn the_command_sees_uid_0_in_an_interactive_shell() {
         }
     });
     let status = wait_with_deadline(&mut child, PATIENCE).expect("the shell did not exit");
+    // The shell has exited, so its output is all in the terminal: read until the line the command
+    // printed is complete (the echo of the input starts with "echo", not "uid="), or the reader
+    // ends.
+    let printed = |out: &[u8]| {
+        String::from_utf8_lossy(out)
+            .split('\n')
+            .rev()
+            .skip(1)
+            .any(|line| line.trim_start_matches("prompt$ ").starts_with("uid="))
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
     let mut out = Vec::new();
-    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
-        out.extend(chunk);
+    while !printed(&out) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => out.extend(chunk),
+            Err(_) => break,
+        }
     }
     let out = String::from_utf8_lossy(&out).into_owned();
     assert!(out.contains("uid=0 tty=yes"), "shell output: {out:?}");
@@ -215,6 +230,12 @@ fn the_relay_keeps_serving_after_forwarded_signals() {
             .collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
+    // Idle means no connection left to relay: wait for lowport to have closed every one.
+    eventually("lowport to close the relayed connections", || {
+        relayed_sockets(&launch).is_empty().then_some(())
+    });
+    // Spinning is a negative with no event to wait for: CPU time is measured over a fixed window,
+    // an observation, not a synchronisation.
     let before = cpu_ticks();
     std::thread::sleep(Duration::from_millis(1000));
     let used = cpu_ticks() - before;

@@ -24,10 +24,27 @@ fn read_all(mut s: TcpStream) -> (u16, Vec<u8>) {
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
     let launch = start_demo("127.0.0.1:0:80", &["--max-connections", "1"]);
-    // One idle connection takes the only slot.
+    // One idle connection takes the only slot: lowport takes the slot before it connects inside, so
+    // once it holds both sockets of this connection (the accepted one and the one to the server,
+    // which has the client's port as its source) the slot is taken.
     let idle = TcpStream::connect(launch.addr()).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let idle_port = idle.local_addr().unwrap().port();
+    let host_port = launch.host_port();
+    eventually("lowport to relay the idle connection", || {
+        let relayed = relayed_sockets(&launch);
+        let accepted = relayed
+            .iter()
+            .any(|s| s.local_port == host_port && s.remote_port == idle_port);
+        let inner = relayed
+            .iter()
+            .any(|s| s.local_port == idle_port && s.remote_port == 80);
+        (accepted && inner).then_some(())
+    });
     let mut waiting = get(launch.addr());
+    let waiting_port = waiting.local_addr().unwrap().port();
+    // The negative, that the second client is not served while the slot is held, has no event to
+    // wait for: it is watched for a bounded time. A slow machine cannot fail it, since the slot is
+    // known to be taken (above); a relay that ignored the limit would answer within milliseconds.
     waiting
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -38,6 +55,12 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
     assert!(
         matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
         "{err}"
+    );
+    assert!(
+        !relayed_sockets(&launch)
+            .iter()
+            .any(|s| s.local_port == waiting_port && s.remote_port == 80),
+        "the second connection must not reach the server while the first holds the slot"
     );
     drop(idle);
     let (status, _) = read_all(waiting);
