@@ -477,3 +477,92 @@ async fn pump(
         Err(e) => Err(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(preserve: bool, client: &str, inner_v4: bool) -> String {
+        let target = Target {
+            port: 80,
+            preserve_source: preserve,
+        };
+        let inner: SocketAddr = if inner_v4 {
+            "127.0.0.1:80".parse().unwrap()
+        } else {
+            "[::1]:80".parse().unwrap()
+        };
+        target
+            .source_for(client.parse().unwrap(), inner)
+            .to_string()
+    }
+
+    #[test]
+    fn clients_keep_their_address_when_the_families_agree() {
+        assert_eq!(shown(true, "192.0.2.5:4000", true), "192.0.2.5:4000");
+        assert_eq!(shown(true, "127.0.0.9:4000", true), "127.0.0.9:4000");
+        assert_eq!(
+            shown(true, "[2001:db8::5]:4000", false),
+            "[2001:db8::5]:4000"
+        );
+        assert_eq!(shown(true, "[::1]:4000", false), "[::1]:4000");
+        // An IPv4 client seen by a dual-stack host socket is the IPv4 client it is.
+        assert_eq!(
+            shown(true, "[::ffff:192.0.2.5]:4000", true),
+            "192.0.2.5:4000"
+        );
+    }
+
+    #[test]
+    fn across_families_no_outside_client_looks_like_loopback() {
+        assert_eq!(shown(true, "[2001:db8::5]:4000", true), "192.0.0.8:4000");
+        assert_eq!(shown(true, "[::1]:4000", true), "127.0.0.1:4000");
+        assert_eq!(
+            shown(true, "192.0.2.5:4000", false),
+            "[64:ff9b::c000:205]:4000"
+        );
+        assert_eq!(
+            shown(true, "[::ffff:192.0.2.5]:4000", false),
+            "[64:ff9b::c000:205]:4000"
+        );
+        assert_eq!(shown(true, "127.0.0.9:4000", false), "[::1]:4000");
+    }
+
+    #[test]
+    fn without_preserved_sources_only_loopback_clients_look_like_loopback() {
+        assert_eq!(shown(false, "127.0.0.9:4000", true), "127.0.0.1:0");
+        assert_eq!(shown(false, "[::1]:4000", true), "127.0.0.1:0");
+        assert_eq!(shown(false, "192.0.2.5:4000", true), "192.0.0.8:0");
+        assert_eq!(shown(false, "[2001:db8::5]:4000", true), "192.0.0.8:0");
+        assert_eq!(shown(false, "[::1]:4000", false), "[::1]:0");
+        assert_eq!(shown(false, "192.0.2.5:4000", false), "[64:ff9b::c000:8]:0");
+        assert_eq!(
+            shown(false, "[2001:db8::5]:4000", false),
+            "[64:ff9b::c000:8]:0"
+        );
+    }
+
+    #[test]
+    fn every_source_is_outside_loopback_unless_the_client_is_inside_it() {
+        let clients = [
+            "192.0.2.5:1",
+            "10.0.0.1:1",
+            "[2001:db8::5]:1",
+            "[fe80::1]:1",
+            "[::ffff:10.0.0.1]:1",
+            "[fd00::1]:1",
+        ];
+        for preserve in [true, false] {
+            for client in clients {
+                for inner_v4 in [true, false] {
+                    let source: SocketAddr = shown(preserve, client, inner_v4).parse().unwrap();
+                    assert!(
+                        !source.ip().is_loopback(),
+                        "{client} shown as {source} (preserve {preserve}, IPv4 inside {inner_v4})"
+                    );
+                    assert_eq!(source.is_ipv4(), inner_v4, "{client} → {source}");
+                }
+            }
+        }
+    }
+}
