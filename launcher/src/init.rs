@@ -444,6 +444,21 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard);
     }
+    // The command shares the terminal and, started from a script, the script's process group: keep it
+    // from typing into the user's shell (TIOCSTI) and from signalling the group with kill(0, ...).
+    // Without a terminal there is no job control to keep, so it gets a session of its own; with one,
+    // it stays in lowport's foreground group, so Ctrl-C and job control work as without lowport.
+    if !nix::unistd::isatty(0).unwrap_or(false) {
+        let _ = nix::unistd::setsid();
+    }
+    if let Err(e) = sys::deny_terminal_injection() {
+        send(
+            status,
+            MSG_EXEC_FAILED,
+            e.raw_os_error().unwrap_or(libc::EINVAL),
+        );
+        sys::exit_now(125);
+    }
 
     let mut env = command.env.clone();
     if !command.activation.is_empty() {

@@ -194,6 +194,82 @@ pub unsafe fn own_raw(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Installs a seccomp filter on the calling thread (and what it execs) that fails the `ioctl`s
+/// `TIOCSTI` and `TIOCLINUX` with EPERM: they push keystrokes into a terminal, which the command could
+/// use on the terminal it shares with the user's shell (bubblewrap's CVE-2017-5226). Every other
+/// system call passes untouched; the program is thirteen BPF instructions.
+///
+/// Both ABIs a process may call the kernel with are checked: x86_64 (and x32) with i386, or aarch64
+/// with 32-bit arm.
+///
+/// The caller needs CAP_SYS_ADMIN in its user namespace (the command's side of the fork has it) or
+/// `no_new_privs`.
+pub fn deny_terminal_injection() -> io::Result<()> {
+    use libc::{sock_filter, sock_fprog};
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const TIOCLINUX: u32 = 0x541C;
+    // struct seccomp_data: nr at 0, arch at 4, args[] (u64 each) from 16; the low half of args[1].
+    const ARG1_LOW: u32 = if cfg!(target_endian = "little") {
+        24
+    } else {
+        28
+    };
+    // (AUDIT_ARCH of the native ABI, its ioctl numbers; AUDIT_ARCH of the compat ABI, its ioctl)
+    #[cfg(target_arch = "x86_64")]
+    const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_003E, [16, 0x4000_0000 | 514], 0x4000_0003, 54);
+    #[cfg(target_arch = "aarch64")]
+    const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_00B7, [29, 29], 0x4000_0028, 54);
+    let (native, [ioctl_a, ioctl_b], compat, compat_ioctl) = ABIS;
+    let stmt = |code, k| sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k, jt, jf| sock_filter {
+        code: JEQ_K,
+        jt,
+        jf,
+        k,
+    };
+    // Jump offsets count from the next instruction.
+    let mut program = [
+        stmt(LD_W_ABS, 4),                                         // 0: A = arch
+        jeq(native, 1, 0),                                         // 1: native: 3
+        jeq(compat, 3, 8),                                         // 2: compat: 6, other: allow
+        stmt(LD_W_ABS, 0),                                         // 3: A = nr
+        jeq(ioctl_a, 3, 0),                                        // 4: ioctl: 8
+        jeq(ioctl_b, 2, 5),                   // 5: ioctl (x32): 8, other: allow
+        stmt(LD_W_ABS, 0),                    // 6: A = nr
+        jeq(compat_ioctl, 0, 3),              // 7: ioctl: 8, other: allow
+        stmt(LD_W_ABS, ARG1_LOW),             // 8: A = request
+        jeq(libc::TIOCSTI as u32, 2, 0),      // 9: deny
+        jeq(TIOCLINUX, 1, 0),                 // 10: deny
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW), // 11
+        stmt(RET_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32), // 12
+    ];
+    let fprog = sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at a valid BPF program that outlives the call; the kernel copies it.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+            &fprog as *const sock_fprog as libc::c_ulong,
+            0,
+            0,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Gives the allocator's free memory back to the system (glibc's malloc_trim(3)): after a burst of
 /// short-lived allocations, such as thousands of UDP flows that expired, the heap would otherwise keep
 /// its peak size.

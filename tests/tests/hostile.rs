@@ -674,3 +674,72 @@ fn too_few_descriptors_for_the_ports_is_a_message_not_a_panic() {
     assert!(code == 125 || code == 2, "status {code}: {err}");
     assert!(err.trim_start().starts_with("lowport: "), "{err}");
 }
+
+/// A command on the user's terminal cannot type into it (TIOCSTI, TIOCLINUX): what it pushed would be
+/// read by the user's shell once lowport exits, outside every namespace. The terminal here is a pty
+/// that the test makes the controlling terminal of lowport's session, as a login shell's is.
+#[test]
+fn the_command_cannot_type_into_the_users_terminal() {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = pty.slave;
+    let script = "import fcntl, termios, sys\n\
+        try:\n    fcntl.ioctl(0, termios.TIOCSTI, b'x'); print('injected')\n\
+        except OSError as e: print('refused', e.errno)\n";
+    let mut cmd = lowport();
+    cmd.args(["run", "--userns", "single", "--", PYTHON, "-c", script]);
+    let slave_fd = std::os::fd::AsRawFd::as_raw_fd(&slave);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            nix::unistd::dup2(slave_fd, 0)?;
+            Ok(())
+        });
+    }
+    let (code, out, err) = run_to_end(&mut cmd);
+    drop(slave);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("refused {}", libc::EPERM),
+        "TIOCSTI on the controlling terminal must fail with EPERM: {err}"
+    );
+}
+
+/// Started from a script, the command shares the script's process group; `kill(0, ...)` from the
+/// command must not reach the script or its other children. A `sleep` started by the same shell, in
+/// the same group, stands for them.
+#[test]
+fn the_command_cannot_signal_the_callers_process_group() {
+    let dir = TempDir::new("pgrp");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pidfile = dir.path().join("sleep.pid");
+    let script = format!(
+        "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pid}; {lowport} run --userns single -- {py} -c 'import os, signal; os.kill(0, signal.SIGTERM)' </dev/null; echo lowport=$?",
+        pid = pidfile.display(),
+        lowport = lowport_bin().display(),
+        py = PYTHON,
+    );
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, Path::new("/bin/sh"));
+    cmd.args(["-c", &script]).process_group(0);
+    let (code, out, err) = run_to_end(&mut cmd);
+    let sleep: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the shell wrote the sleep's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = process_exists(sleep);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sleep as i32), Signal::SIGKILL);
+    assert_eq!(code, 0, "the calling shell survived: {out} {err}");
+    assert!(
+        alive,
+        "the sleep in the caller's process group was killed: {out} {err}"
+    );
+    assert!(
+        out.contains("lowport=143"),
+        "the command killed itself only: {out} {err}"
+    );
+}
