@@ -74,6 +74,9 @@ impl Target {
     pub fn source_for(&self, client: SocketAddr, inner: SocketAddr) -> SocketAddr {
         let client = unmapped(client);
         let loopback = client.ip().is_loopback();
+        // A link-local client's address is only meaningful with its interface, which does not exist
+        // inside: it is shown as a client whose address cannot be kept.
+        let scoped = matches!(client, SocketAddr::V6(v6) if v6.scope_id() != 0);
         let ip = match (client.ip(), inner.is_ipv4()) {
             _ if loopback && inner.is_ipv4() => {
                 if self.preserve_source && client.is_ipv4() {
@@ -89,7 +92,7 @@ impl Target {
                     IpAddr::V6(Ipv6Addr::LOCALHOST)
                 }
             }
-            _ if !self.preserve_source => {
+            _ if !self.preserve_source || scoped => {
                 if inner.is_ipv4() {
                     IpAddr::V4(RELAY_V4)
                 } else {
@@ -100,7 +103,7 @@ impl Target {
             (IpAddr::V6(_), true) => IpAddr::V4(RELAY_V4),
             (IpAddr::V4(v4), false) => IpAddr::V6(nat64(v4)),
         };
-        let port = if self.preserve_source {
+        let port = if self.preserve_source && !scoped {
             client.port()
         } else {
             0
@@ -327,7 +330,7 @@ pub async fn relay(a: &TcpStream, b: &TcpStream, half_closed_timeout: Duration) 
             result = rest.as_mut() => return result.map(|_| ()),
             () = tokio::time::sleep_until(idle_until) => {
                 let last = start + Duration::from_millis(moved.load(Ordering::Relaxed));
-                if last + half_closed_timeout <= tokio::time::Instant::now() {
+                if last.checked_add(half_closed_timeout).is_some_and(|t| t <= tokio::time::Instant::now()) {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "half-closed and idle for --half-closed-timeout",
@@ -451,17 +454,23 @@ async fn pump(
             }
             Err(e) => return Err(e),
         };
+        // Every splice that moves bytes counts as activity, so a slow reader of a large pipe is
+        // not mistaken for an idle half-closed connection.
+        let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        mark();
         let mut left = filled;
         while left > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || splice(&p.read, dst, left)) {
-                Ok(n) => left -= n,
+                Ok(n) => {
+                    left -= n;
+                    mark();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
         total += filled as u64;
-        moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     // The peer sent FIN: pass it on, and keep the other direction open (half-close).
     match nix::sys::socket::shutdown(
@@ -529,6 +538,15 @@ mod tests {
     }
 
     #[test]
+    fn link_local_clients_are_shown_as_clients_whose_address_cannot_be_kept() {
+        assert_eq!(
+            shown(true, "[fe80::1%2]:4000", false),
+            "[64:ff9b::c000:8]:0"
+        );
+        assert_eq!(shown(true, "[fe80::1%2]:4000", true), "192.0.0.8:0");
+    }
+
+    #[test]
     fn without_preserved_sources_only_loopback_clients_look_like_loopback() {
         assert_eq!(shown(false, "127.0.0.9:4000", true), "127.0.0.1:0");
         assert_eq!(shown(false, "[::1]:4000", true), "127.0.0.1:0");
@@ -551,6 +569,7 @@ mod tests {
             "[fe80::1]:1",
             "[::ffff:10.0.0.1]:1",
             "[fd00::1]:1",
+            "[fe80::1%2]:1",
         ];
         for preserve in [true, false] {
             for client in clients {

@@ -163,8 +163,8 @@ pub fn precheck(program: &OsStr) -> Result<(), InitError> {
     let result = if bytes.contains(&b'/') {
         check(std::path::Path::new(program))
     } else {
-        let path =
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        // Without PATH, glibc's execvp searches /bin:/usr/bin (its confstr(_CS_PATH)); look where it will.
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
         let mut first_error = libc::ENOENT;
         let mut found = false;
         for dir in std::env::split_paths(&path) {

@@ -439,9 +439,9 @@ impl Limits {
         let reserved = reserved_fds(host_sockets);
         let budget = nofile.saturating_sub(reserved);
         let udp_flows = match config.max_udp_flows {
+            _ if !has_udp => 0,
             Some(n) => n as u64,
-            None if has_udp => (budget / 8).min(MAX_DEFAULT_UDP_FLOWS),
-            None => 0,
+            None => (budget / 8).min(MAX_DEFAULT_UDP_FLOWS),
         };
         let connections = match config.max_connections {
             Some(n) => n as u64,
@@ -453,7 +453,10 @@ impl Limits {
         let needed = reserved + connections * FDS_PER_CONNECTION + udp_flows;
         let starved = (has_tcp && connections == 0) || (has_udp && udp_flows == 0);
         if needed > nofile || starved {
-            let asked = match (config.max_connections, config.max_udp_flows) {
+            let asked = match (
+                config.max_connections,
+                config.max_udp_flows.filter(|_| has_udp),
+            ) {
                 (Some(_), Some(_)) => Some("--max-connections and --max-udp-flows"),
                 (Some(_), None) => Some("--max-connections"),
                 (None, Some(_)) => Some("--max-udp-flows"),

@@ -150,6 +150,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err("the timeout must be above zero".into());
     }
+    if d > Duration::from_secs(366 * 24 * 3600) {
+        return Err(format!(
+            "'{text}' is more than a year; give a shorter timeout"
+        ));
+    }
     Ok(d)
 }
 

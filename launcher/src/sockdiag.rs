@@ -35,6 +35,14 @@ impl UdpLookup {
             SockProtocol::NetlinkSockDiag,
         )
         .ok()?;
+        // The kernel answers within the request; a reply that never comes must not hold a relay
+        // thread, so a wait beyond this is an error (and lowport falls back to /proc/net/udp).
+        socket::setsockopt(
+            &fd,
+            socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 200_000),
+        )
+        .ok()?;
         let mut lookup = UdpLookup { fd, seq: 0 };
         let witness = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
         let port = witness.local_addr().ok()?.port();

@@ -222,8 +222,11 @@ fn open_flow(
         }
     };
     let last = Arc::new(AtomicU64::new(relay.now_ms()));
+    // Spawned under the table's lock: the task's guard looks for its entry when it ends, which must
+    // not happen before the entry is there.
+    let mut table = relay.flows.lock().expect("flow table");
     let replies = tokio::spawn(replies(relay.clone(), inner.clone(), peer, last.clone()));
-    relay.flows.lock().expect("flow table").insert(
+    table.insert(
         peer,
         Flow {
             inner: inner.clone(),
@@ -231,6 +234,7 @@ fn open_flow(
             replies: replies.abort_handle(),
         },
     );
+    drop(table);
     debug!(%peer, %to, "UDP flow opened");
     Ok(Some((inner, last)))
 }
