@@ -47,28 +47,25 @@ const ACTIVATION_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"
 /// A binary with a file capability runs in glibc's secure mode, whose loader removes LD_LIBRARY_PATH,
 /// TMPDIR, TZDIR, LOCPATH, GCONV_PATH, RES_OPTIONS and others from `environ` before `main`. The
 /// command runs with no capability on the host, so it gets them back: the kernel keeps the original
-/// strings, which /proc/self/environ reads. The process must be dumpable for that file to be readable
-/// (the launcher is, between dropping its capabilities and starting the command).
-pub fn caller_environment() -> Vec<(OsString, OsString)> {
-    let vars: Vec<(OsString, OsString)> = if sys::secure_mode() {
-        match std::fs::read("/proc/self/environ") {
-            Ok(bytes) => bytes
-                .split(|b| *b == 0)
-                .filter_map(|entry| {
-                    let split = entry.iter().position(|b| *b == b'=')?;
-                    Some((
-                        OsStr::from_bytes(&entry[..split]).to_owned(),
-                        OsStr::from_bytes(&entry[split + 1..]).to_owned(),
-                    ))
-                })
-                .collect(),
-            Err(err) => {
-                tracing::warn!(?err, "cannot read the original environment; the command gets what glibc's secure mode left");
-                std::env::vars_os().collect()
-            }
+/// strings, which /proc/self/environ reads. `original` is that file's content, read by a process that
+/// may open it (see `userns::create_and_join`), or `None` outside secure mode.
+pub fn caller_environment(original: Option<&[u8]>) -> Vec<(OsString, OsString)> {
+    let vars: Vec<(OsString, OsString)> = match original {
+        Some(bytes) if !bytes.is_empty() => bytes
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let split = entry.iter().position(|b| *b == b'=')?;
+                Some((
+                    OsStr::from_bytes(&entry[..split]).to_owned(),
+                    OsStr::from_bytes(&entry[split + 1..]).to_owned(),
+                ))
+            })
+            .collect(),
+        Some(_) => {
+            tracing::warn!("cannot read the original environment; the command gets what glibc's secure mode left");
+            std::env::vars_os().collect()
         }
-    } else {
-        std::env::vars_os().collect()
+        None => std::env::vars_os().collect(),
     };
     vars.into_iter()
         .filter(|(name, _)| !ACTIVATION_VARS.iter().any(|v| name == *v))

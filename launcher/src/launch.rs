@@ -18,7 +18,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::WaitStatus;
@@ -161,14 +160,6 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
     capabilities::drop_all_except(creator_keeps)?;
-    // A binary with a file capability starts non-dumpable, which makes /proc/self/uid_map unwritable
-    // for its own user; with the capabilities gone there is nothing left to protect until the command
-    // starts (step 6 makes the process non-dumpable again, for good).
-    if !nix::sys::prctl::get_dumpable().unwrap_or(true) {
-        nix::sys::prctl::set_dumpable(true)
-            .map_err(|e| LaunchError::io("make the process dumpable")(e.into()))?;
-    }
-    let env = init::caller_environment();
 
     // 3. Signals stay pending until the runtime reads them from a signalfd.
     let mut forwarded = SigSet::empty();
@@ -182,23 +173,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     read_by_runtime
         .thread_block()
         .map_err(|e| LaunchError::io("block signals")(e.into()))?;
+    let mut own_fds: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
+    own_fds.extend(config.ready_fd);
     let helper = match &plan {
-        Plan::Subids(p) => Some(MapHelper::spawn(p)?),
+        Plan::Subids(p) => Some(MapHelper::spawn(p, &own_fds)?),
         Plan::Single { .. } => None,
     };
 
-    // 4. The namespaces.
-    if let Err(errno) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET) {
-        drop(helper);
-        return Err(userns::diagnose_unshare(errno, &proc_sys).into());
-    }
-    match (&plan, helper) {
-        (Plan::Single { uid, gid }, _) => {
-            userns::write_single_maps("/proc/self".as_ref(), &proc_sys, *uid, *gid)?
-        }
-        (Plan::Subids(_), Some(helper)) => helper.map()?,
-        (Plan::Subids(_), None) => unreachable!("the helper is forked for every subids plan"),
-    }
+    // 4. The namespaces, made by a child and joined (see `userns::create_and_join` for why).
+    let secure = sys::secure_mode();
+    let environ = userns::create_and_join(&plan, helper, &own_fds, &proc_sys, secure)?;
+    let env = init::caller_environment(secure.then_some(environ.as_slice()));
 
     // 5. Inside the network namespace.
     netns::loopback_up()?;
@@ -208,8 +193,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     }
 
     // 6. The command.
-    let mut close_in_helper: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
-    close_in_helper.extend(config.ready_fd);
+    let close_in_helper = own_fds;
     let activation = if config.socket_activation {
         sockets
             .iter()

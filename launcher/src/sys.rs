@@ -270,6 +270,17 @@ pub fn deny_terminal_injection() -> io::Result<()> {
     Ok(())
 }
 
+/// A pidfd for `pid`, a process of the caller's pid namespace (pidfd_open(2), Linux 5.3).
+pub fn pidfd_open(pid: nix::unistd::Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// Gives the allocator's free memory back to the system (glibc's malloc_trim(3)): after a burst of
 /// short-lived allocations, such as thousands of UDP flows that expired, the heap would otherwise keep
 /// its peak size.

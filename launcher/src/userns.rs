@@ -134,6 +134,14 @@ pub enum UsernsError {
     },
     #[error("cannot start the id-mapping helper: {0}")]
     Helper(#[source] io::Error),
+    #[error("cannot start the process that creates the namespaces: {0}")]
+    Creator(#[source] io::Error),
+    #[error("cannot join the namespaces created for the command ({what}): {source}")]
+    Join {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0}")]
     HelperFailed(String),
 }
@@ -277,6 +285,164 @@ pub fn write_single_maps(
     Ok(())
 }
 
+/// Creates the user and network namespaces in a forked child and makes the calling process join them;
+/// returns the bytes of /proc/self/environ when `environ` asks for them (see
+/// `init::caller_environment`).
+///
+/// Why not `unshare` in the launcher itself: the id maps of a process are writable by its own user
+/// only while the process is dumpable, and a launcher started with a file capability is not, for a
+/// reason: it holds host sockets bound with that capability. Made dumpable even for a moment, any
+/// program of the same user could take those sockets with pidfd_getfd(2) and send from port 700.
+/// The child holds none of them (it closes `inherited`, the launcher's own descriptors, first), so it
+/// may be dumpable; it unshares and gets its maps written (by itself, or by `helper` running
+/// newuidmap), and the launcher, whose user owns the new user namespace and so has every capability
+/// in it, enters both with setns(2). The launcher is never dumpable when it started that way.
+pub fn create_and_join(
+    plan: &Plan,
+    helper: Option<MapHelper>,
+    inherited: &[std::os::fd::RawFd],
+    proc_sys: &Path,
+    environ: bool,
+) -> Result<Vec<u8>, UsernsError> {
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (report_r, report_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| UsernsError::Creator(e.into()))?;
+    let (go_r, go_w) = nix::unistd::pipe2(cloexec).map_err(|e| UsernsError::Creator(e.into()))?;
+    let child = match sys::fork().map_err(UsernsError::Creator)? {
+        ForkResult::Child => {
+            drop(report_r);
+            drop(go_w);
+            sys::exit_now(creator_main(
+                plan, inherited, proc_sys, environ, report_w, go_r,
+            ))
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(report_w);
+    drop(go_r);
+    let joined = (|| {
+        let mut report = fs::File::from(report_r);
+        let mut len = [0u8; 8];
+        report
+            .read_exact(&mut len)
+            .map_err(|_| UsernsError::Creator(io::Error::other("it exited without a report")))?;
+        let mut env = vec![0u8; u64::from_ne_bytes(len) as usize];
+        report.read_exact(&mut env).map_err(UsernsError::Creator)?;
+        let mut status = Vec::new();
+        report
+            .read_to_end(&mut status)
+            .map_err(UsernsError::Creator)?;
+        match status.split_first() {
+            Some((b'U', _)) => {}
+            Some((b'X', message)) => {
+                return Err(UsernsError::HelperFailed(
+                    String::from_utf8_lossy(message).into_owned(),
+                ))
+            }
+            _ => {
+                return Err(UsernsError::Creator(io::Error::other(
+                    "it exited without creating the namespaces",
+                )))
+            }
+        }
+        if let (Plan::Subids(_), Some(helper)) = (plan, helper) {
+            helper.map(child)?;
+        }
+        join(child)?;
+        Ok(env)
+    })();
+    // The child waits for this end to close before it exits, keeping the namespaces alive until they
+    // are joined.
+    drop(go_w);
+    let _ = nix::sys::wait::waitpid(child, None);
+    joined
+}
+
+/// Enters the user and network namespaces of `child`: through a pidfd (Linux 5.8), which names the
+/// child whatever /proc shows (inside another lowport, /proc is still the host's, where the child's
+/// pid means another process), or through /proc/PID/ns on older kernels.
+fn join(child: Pid) -> Result<(), UsernsError> {
+    use nix::sched::CloneFlags;
+    let both = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET;
+    let what = "user and network namespaces";
+    match sys::pidfd_open(child) {
+        Ok(pidfd) => match nix::sched::setns(&pidfd, both) {
+            Ok(()) => return Ok(()),
+            // Before 5.8 setns takes only namespace descriptors.
+            Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => {
+                return Err(UsernsError::Join {
+                    what,
+                    source: e.into(),
+                })
+            }
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {}
+        Err(source) => return Err(UsernsError::Join { what, source }),
+    }
+    for (ns, flag, what) in [
+        ("user", CloneFlags::CLONE_NEWUSER, "user namespace"),
+        ("net", CloneFlags::CLONE_NEWNET, "network namespace"),
+    ] {
+        let fail = |source: io::Error| UsernsError::Join { what, source };
+        let file = fs::File::open(format!("/proc/{child}/ns/{ns}")).map_err(fail)?;
+        nix::sched::setns(file, flag).map_err(|e| fail(e.into()))?;
+    }
+    Ok(())
+}
+
+/// The child of [`create_and_join`]. The report: the length and bytes of /proc/self/environ, then `U`
+/// once the namespaces and their maps exist, or `X` and the error message.
+fn creator_main(
+    plan: &Plan,
+    inherited: &[std::os::fd::RawFd],
+    proc_sys: &Path,
+    environ: bool,
+    report: OwnedFd,
+    go: OwnedFd,
+) -> i32 {
+    for fd in inherited {
+        sys::close_raw(*fd);
+    }
+    let mut report = fs::File::from(report);
+    // Holding nothing of the launcher's, this process may be dumpable: its /proc files become its
+    // user's, which /proc/self/environ and the id maps need.
+    let _ = nix::sys::prctl::set_dumpable(true);
+    let env = if environ {
+        fs::read("/proc/self/environ").unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if report
+        .write_all(&(env.len() as u64).to_ne_bytes())
+        .and_then(|()| report.write_all(&env))
+        .is_err()
+    {
+        return 1;
+    }
+    let fail = |report: &mut fs::File, err: UsernsError| {
+        let _ = report.write_all(format!("X{err}").as_bytes());
+        1
+    };
+    if let Err(errno) = nix::sched::unshare(
+        nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET,
+    ) {
+        return fail(&mut report, diagnose_unshare(errno, proc_sys));
+    }
+    if let Plan::Single { uid, gid } = plan {
+        if let Err(err) = write_single_maps("/proc/self".as_ref(), proc_sys, *uid, *gid) {
+            return fail(&mut report, err);
+        }
+    }
+    if report.write_all(b"U").is_err() {
+        return 1;
+    }
+    drop(report);
+    let mut byte = [0u8; 1];
+    let _ = fs::File::from(go).read(&mut byte);
+    0
+}
+
 /// Ubuntu's AppArmor restriction (23.10 and later) lets `unshare` succeed and refuses the maps
 /// instead. Its switch may be unreadable for ordinary users, so its presence is what counts.
 fn explain_map_refusal(err: UsernsError, proc_sys: &Path) -> UsernsError {
@@ -304,21 +470,29 @@ fn write_proc(path: &Path, content: &str) -> Result<(), UsernsError> {
         })
 }
 
-/// A process forked before `unshare` that runs newuidmap and newgidmap on its parent when told to.
+/// A process forked before the namespaces exist that runs newuidmap and newgidmap on the process
+/// that created them, when told its pid.
 pub struct MapHelper {
     pid: Pid,
     go: OwnedFd,
     result: OwnedFd,
 }
 
+/// What the launcher sends the helper: a tag and the pid whose maps to write. Of fixed size, so the
+/// helper needs no end-of-file, which copies of the pipe in other children would delay.
+const MAP_REQUEST: usize = 5;
+
 impl MapHelper {
-    /// Forks the helper. The caller must be single-threaded.
-    pub fn spawn(plan: &SubidPlan) -> Result<MapHelper, UsernsError> {
+    /// Forks the helper, which closes `inherited` (the launcher's own descriptors) at once. Fails
+    /// unless the caller is single-threaded.
+    pub fn spawn(
+        plan: &SubidPlan,
+        inherited: &[std::os::fd::RawFd],
+    ) -> Result<MapHelper, UsernsError> {
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| UsernsError::Helper(e.into()))?;
         let (res_r, res_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| UsernsError::Helper(e.into()))?;
-        let target = nix::unistd::getpid();
         match sys::fork().map_err(UsernsError::Helper)? {
             ForkResult::Parent { child } => Ok(MapHelper {
                 pid: child,
@@ -328,17 +502,23 @@ impl MapHelper {
             ForkResult::Child => {
                 drop(go_w);
                 drop(res_r);
-                let code = helper_main(plan, target, go_r, res_w);
+                for fd in inherited {
+                    sys::close_raw(*fd);
+                }
+                let code = helper_main(plan, go_r, res_w);
                 sys::exit_now(code)
             }
         }
     }
 
-    /// Asks the helper to write the maps of the (now unshared) parent and waits for the outcome.
-    pub fn map(self) -> Result<(), UsernsError> {
+    /// Asks the helper to write the maps of `target` (whose new user namespace exists now) and waits
+    /// for the outcome.
+    pub fn map(self, target: Pid) -> Result<(), UsernsError> {
         let MapHelper { pid, go, result } = self;
+        let mut request = [b'G'; MAP_REQUEST];
+        request[1..].copy_from_slice(&target.as_raw().to_ne_bytes());
         let mut go = fs::File::from(go);
-        let sent = go.write_all(b"G");
+        let sent = go.write_all(&request);
         drop(go);
         let mut report = String::new();
         let read = fs::File::from(result).read_to_string(&mut report);
@@ -355,14 +535,17 @@ impl MapHelper {
     }
 }
 
-fn helper_main(plan: &SubidPlan, target: Pid, go: OwnedFd, result: OwnedFd) -> i32 {
-    let mut byte = [0u8; 1];
+fn helper_main(plan: &SubidPlan, go: OwnedFd, result: OwnedFd) -> i32 {
+    let mut request = [0u8; MAP_REQUEST];
     let mut go = fs::File::from(go);
     let mut result = fs::File::from(result);
-    // EOF instead of a byte means the parent gave up before unsharing: nothing to do.
-    if !matches!(go.read(&mut byte), Ok(1)) {
+    // End-of-file instead of a request means the launcher gave up before the namespaces existed.
+    if go.read_exact(&mut request).is_err() || request[0] != b'G' {
         return 0;
     }
+    let target = Pid::from_raw(i32::from_ne_bytes(
+        request[1..].try_into().expect("four bytes"),
+    ));
     // The two maps are independent: run both tools at once, which halves the wait at start-up.
     let uid_map = spawn_map_tool(
         &plan.newuidmap,

@@ -743,3 +743,75 @@ fn the_command_cannot_signal_the_callers_process_group() {
         "the command killed itself only: {out} {err}"
     );
 }
+
+/// Run as another program of the same user: starts the setcap'd lowport (argv[1]) publishing a
+/// privileged port (argv[2]) again and again, and meanwhile tries pidfd_getfd on every descriptor of
+/// lowport and of its children. Prints "stolen PORT" when it holds a socket bound to that port.
+const THIEF: &str = r#"
+import ctypes, os, socket, subprocess, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+lowport, spec, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def family(pid):
+    out = [pid]
+    for p in out:
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                out += [int(c) for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except OSError:
+            pass
+    return out
+for attempt in range(25):
+    p = subprocess.Popen([lowport, "run", "--userns", "single", "-p", spec, "--", "/bin/sleep", "5"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 0.4
+    while time.time() < deadline:
+        for pid in family(p.pid):
+            try:
+                pfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            for fd in range(3, 12):
+                r = libc.syscall(438, pfd, fd, 0)
+                if r < 0:
+                    continue
+                try:
+                    s = socket.socket(fileno=r)
+                    if s.getsockname()[1] == port:
+                        print("stolen", port, "from", pid, flush=True)
+                        p.kill(); p.wait(); sys.exit(0)
+                    s.detach()
+                except OSError:
+                    pass
+                os.close(r)
+            os.close(pfd)
+    p.kill(); p.wait()
+print("nothing stolen")
+"#;
+
+/// A setcap'd lowport binds its privileged host port and must never let another program of the same
+/// user take that socket (and send from port 700 with it): the process that holds it is never
+/// dumpable, not even while the namespaces are set up. Before, lowport made itself dumpable to write
+/// its id maps.
+#[test]
+fn a_setcap_lowport_never_lets_its_user_take_the_privileged_socket() {
+    let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
+    if !require(start > 700, "a host where ports below 700 need privilege") {
+        return;
+    }
+    let Some((dir, bin)) = setcap_copy("thief") else {
+        return;
+    };
+    let port = (700..start.min(1000) as u16)
+        .rev()
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port between 700 and 1000");
+    let thief = dir.write("thief.py", THIEF);
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, Path::new(PYTHON));
+    cmd.arg(&thief)
+        .arg(&bin)
+        .arg(format!("127.0.0.1:{port}:80"))
+        .arg(port.to_string());
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "nothing stolen", "{err}");
+}
