@@ -51,7 +51,7 @@ impl Bound {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("host port {port}/{protocol} on {ip} is already in use (-p {spec}): stop the program that holds it (ss -lntup 'sport = :{port}' names it), publish another host port, or use 0 to let lowport pick a free one")]
+    #[error("host port {port}/{protocol} on {ip} is already in use (-p {spec}): stop the program that holds it (ss -lntu 'sport = :{port}' shows the socket; as root, ss -lntup also names the program), publish another host port, or use 0 to let lowport pick a free one")]
     InUse {
         spec: PublishSpec,
         protocol: Protocol,

@@ -88,6 +88,8 @@ pub struct Started {
 pub enum InitError {
     #[error("cannot start the command's process: {0}")]
     Spawn(#[source] io::Error),
+    #[error("cannot start the command's process: {0} (the limit on this user's processes and threads, ulimit -u, is reached: raise it, or stop some of this user's processes)")]
+    ProcessLimit(#[source] io::Error),
     #[error("{program}: command not found (check the name and PATH, or give a full path)")]
     NotFound { program: String },
     #[error(
@@ -111,6 +113,15 @@ pub enum InitError {
 }
 
 impl InitError {
+    /// A failed fork or clone, with the process limit named when that is the cause.
+    fn spawn(err: io::Error) -> InitError {
+        if err.raw_os_error() == Some(libc::EAGAIN) {
+            InitError::ProcessLimit(err)
+        } else {
+            InitError::Spawn(err)
+        }
+    }
+
     /// The shell's convention: 127 for a command that is not there, 126 for one that cannot run.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -210,7 +221,7 @@ pub fn start(
     let (lifeline_r, lifeline_w) =
         nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
 
-    match sys::clone_into_new_pid_namespace().map_err(InitError::Spawn)? {
+    match sys::clone_into_new_pid_namespace().map_err(InitError::spawn)? {
         CloneResult::Child => {
             drop(status_r);
             drop(lifeline_w);
@@ -261,7 +272,7 @@ fn parse_report(
                 } else if *tag == MSG_EXEC_FAILED {
                     InitError::from_exec_errno(program, value)
                 } else {
-                    InitError::Spawn(io::Error::from_raw_os_error(value))
+                    InitError::spawn(io::Error::from_raw_os_error(value))
                 });
             }
             _ => break,
@@ -301,7 +312,9 @@ fn helper_main(
     drop(lifeline);
     let activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
     for fd in close.iter().filter(|fd| !activation.contains(fd)) {
-        sys::close_raw(*fd);
+        // SAFETY: the helper never returns to the launcher's code that owns these descriptors; it
+        // ends with exit_now.
+        unsafe { sys::close_raw(*fd) };
     }
 
     let mut waited = *forward;
@@ -322,7 +335,8 @@ fn helper_main(
     };
     drop(status);
     for fd in &activation {
-        sys::close_raw(*fd);
+        // SAFETY: as above; the command has its own copies now.
+        unsafe { sys::close_raw(*fd) };
     }
     // Reaping needs no capability. Passing signals on needs CAP_KILL, in this namespace only: a
     // command that switched to another uid (lighttpd's server.username, dnsmasq, haproxy) no longer
@@ -333,8 +347,13 @@ fn helper_main(
         crate::capabilities::drop_all_except(Some(crate::capabilities::Capability::CAP_KILL))
     });
 
+    // The command shares this helper's process group when it runs on a terminal: the terminal's own
+    // signals (Ctrl-C, a resize) have reached it already, and a second copy would make, say, Python
+    // raise KeyboardInterrupt twice. The launcher skips those for the same reason.
+    let same_group =
+        nix::unistd::getpgid(Some(child)).is_ok_and(|group| group == nix::unistd::getpgrp());
     loop {
-        let Ok(sig) = sys::wait_for_signal(&waited) else {
+        let Ok((sig, code)) = sys::wait_for_signal(&waited) else {
             return 125;
         };
         if sig == libc::SIGCHLD {
@@ -344,6 +363,8 @@ fn helper_main(
                 }
                 return exit.code();
             }
+        } else if code == libc::SI_KERNEL && same_group {
+            continue;
         } else if let Ok(sig) = Signal::try_from(sig) {
             match nix::sys::signal::kill(child, sig) {
                 // The command is exiting; its SIGCHLD is on its way.
@@ -499,7 +520,9 @@ fn pass_listen_fds(fds: &[(RawFd, String)]) -> io::Result<Vec<(OsString, OsStrin
         .map(|(fd, _)| sys::dup_at_least(*fd, 3 + fds.len() as RawFd))
         .collect::<io::Result<Vec<OwnedFd>>>()?;
     for (i, fd) in high.iter().enumerate() {
-        sys::dup_to(fd.as_raw_fd(), 3 + i as RawFd)?;
+        // SAFETY: the command's side of the fork, about to exec: whatever owned the numbers from 3
+        // is never used again.
+        unsafe { sys::dup_to(fd.as_raw_fd(), 3 + i as RawFd)? };
     }
     drop(high);
     let names: Vec<&str> = fds.iter().map(|(_, n)| n.as_str()).collect();

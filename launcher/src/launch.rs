@@ -371,7 +371,7 @@ fn build_runtime(threads: usize) -> Result<tokio::runtime::Runtime, LaunchError>
     let nproc = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
         .map_or("unknown".to_owned(), |(soft, _)| soft.to_string());
     Err(LaunchError::Resources(format!(
-        "cannot start lowport's relay threads ({threads}): {err} (the system refused a thread; the limit on this user's processes and threads, ulimit -u, is {nproc}: raise it, or stop some of this user's processes)"
+        "cannot start lowport's relay threads ({threads}): {err}; the command was stopped (the system refused a thread: the limit on this user's processes and threads, ulimit -u, is {nproc}; raise it, or stop some of this user's processes)"
     )))
 }
 

@@ -17,7 +17,7 @@ use crate::sys;
 pub enum NetnsError {
     #[error("cannot bring up the loopback interface in the new network namespace: {0}")]
     LoopbackUp(#[source] io::Error),
-    #[error("cannot set up source-address preservation inside ({step}): {source} (run with --no-preserve-source to do without)")]
+    #[error("cannot set up the routes the relay needs inside ({step}): {source} (the relay binds each client's address, or 192.0.0.8, inside; see docs/how-it-works.md)")]
     Routing {
         step: &'static str,
         #[source]

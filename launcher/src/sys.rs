@@ -1,7 +1,9 @@
 //! The few system calls that nix does not wrap safely, behind a safe API.
 //!
 //! Every `unsafe` block of the launcher lives here, so a reviewer can audit the whole unsafe surface in
-//! one file; the policy modules (`userns`, `netns`, `init`, `forward`) only call these functions.
+//! one file; the policy modules (`userns`, `netns`, `init`, `forward`) only call these functions. The
+//! exceptions are calls of the few `unsafe fn`s below whose soundness rests on the caller (`own_raw`,
+//! `close_raw`, `dup_to`): each call site says why the contract holds.
 
 use std::ffi::CStr;
 use std::io;
@@ -117,19 +119,25 @@ pub fn dup_at_least(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
 
 /// Makes `target` a copy of `fd` without close-on-exec, so an exec'd program inherits it at that number.
 ///
-/// Only for a child between fork and exec: it may replace a descriptor that the process still refers
-/// to elsewhere, which is why it takes raw numbers.
-pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
+/// # Safety
+///
+/// `target` may be open and owned by an `OwnedFd` or another owner in this process; dup2 replaces it.
+/// The caller must be a forked child about to exec (or exit), in which no owner of `target` is used
+/// or dropped again.
+pub unsafe fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
     nix::unistd::dup2(fd, target)?;
     Ok(())
 }
 
-/// Closes a raw descriptor number that the caller knows is open and owned by nothing else.
+/// Closes a raw descriptor number that the caller knows is open.
 ///
-/// Used in the pid-1 helper right after fork, on the inherited copies of the launcher's own descriptors.
-pub fn close_raw(fd: RawFd) {
-    // SAFETY: closing a number is memory safe; the caller ensures no live OwnedFd refers to it in this
-    // process (the helper forgets its copies after this).
+/// # Safety
+///
+/// Nothing in this process may use or drop an owner of `fd` afterwards: the callers are forked
+/// children that close their copies of the launcher's descriptors and end with [`exit_now`] or exec,
+/// never returning to the code that owns them.
+pub unsafe fn close_raw(fd: RawFd) {
+    // SAFETY: closing a number is memory safe; the caller upholds that no owner of it is used again.
     unsafe { libc::close(fd) };
 }
 
@@ -149,13 +157,16 @@ pub fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
-/// Waits for one of the signals in `set`, which the caller keeps blocked, and returns its number.
-pub fn wait_for_signal(set: &nix::sys::signal::SigSet) -> io::Result<i32> {
+/// Waits for one of the signals in `set`, which the caller keeps blocked, and returns its number and
+/// `si_code` (SI_KERNEL for a signal the terminal generated).
+pub fn wait_for_signal(set: &nix::sys::signal::SigSet) -> io::Result<(i32, i32)> {
     loop {
-        // SAFETY: `set` is a valid sigset_t; a null siginfo pointer is allowed.
-        let sig = unsafe { libc::sigwaitinfo(set.as_ref(), std::ptr::null_mut()) };
+        // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t and `info` a valid siginfo_t that outlives the call.
+        let sig = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
         if sig >= 0 {
-            return Ok(sig);
+            return Ok((sig, info.si_code));
         }
         let err = Errno::last();
         if err != Errno::EINTR {

@@ -53,6 +53,10 @@ pub struct FlowBudget(Arc<BudgetInner>);
 struct BudgetInner {
     max: usize,
     open: AtomicUsize,
+    /// The clock every flow's `last` counts from, so flows of different ports compare.
+    epoch: Instant,
+    /// Every port's relay, for eviction across ports.
+    relays: Mutex<Vec<std::sync::Weak<Relay>>>,
     /// When the limit was last reported, and how many flows were closed for room since.
     report: Mutex<(Option<Instant>, u64)>,
 }
@@ -62,6 +66,8 @@ impl FlowBudget {
         FlowBudget(Arc::new(BudgetInner {
             max,
             open: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            relays: Mutex::new(Vec::new()),
             report: Mutex::new((None, 0)),
         }))
     }
@@ -103,7 +109,7 @@ impl FlowBudget {
 
 struct Flow {
     inner: Arc<UdpSocket>,
-    /// Milliseconds since the relay's epoch of the last datagram in either direction.
+    /// Milliseconds since the budget's epoch of the last datagram in either direction.
     last: Arc<AtomicU64>,
     replies: AbortHandle,
 }
@@ -135,12 +141,11 @@ struct Relay {
     idle: Duration,
     budget: FlowBudget,
     flows: Flows,
-    epoch: Instant,
 }
 
 impl Relay {
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.budget.0.epoch.elapsed().as_millis() as u64
     }
 }
 
@@ -156,8 +161,12 @@ async fn relay(
         idle,
         budget,
         flows: Arc::default(),
-        epoch: Instant::now(),
     });
+    {
+        let mut relays = relay.budget.0.relays.lock().expect("relay list");
+        relays.retain(|r| r.strong_count() > 0);
+        relays.push(Arc::downgrade(&relay));
+    }
     let mut family = FamilyChoice::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -239,18 +248,49 @@ fn open_flow(
     Ok(Some((inner, last)))
 }
 
-/// Closes this port's least recently used flow; false when the port has none.
+/// Closes the least recently used flow of any port; false when there is none.
 fn evict_least_recent(relay: &Relay) -> bool {
-    let mut table = relay.flows.lock().expect("flow table");
-    let oldest = table
+    let relays: Vec<Arc<Relay>> = relay
+        .budget
+        .0
+        .relays
+        .lock()
+        .expect("relay list")
         .iter()
-        .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
-        .map(|(peer, _)| *peer);
-    let Some(flow) = oldest.and_then(|peer| table.remove(&peer)) else {
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    // One table locked at a time; the oldest found may have ended or been renewed meanwhile, so it
+    // is removed only if it is still the same flow.
+    let oldest = relays
+        .iter()
+        .filter_map(|r| {
+            let table = r.flows.lock().expect("flow table");
+            table
+                .iter()
+                .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
+                .map(|(peer, f)| {
+                    (
+                        f.last.load(Ordering::Relaxed),
+                        r.clone(),
+                        *peer,
+                        f.inner.clone(),
+                    )
+                })
+        })
+        .min_by_key(|(last, ..)| *last);
+    let Some((_, owner, peer, inner)) = oldest else {
         return false;
     };
+    let mut table = owner.flows.lock().expect("flow table");
+    if !table
+        .get(&peer)
+        .is_some_and(|f| Arc::ptr_eq(&f.inner, &inner))
+    {
+        return false;
+    }
+    let flow = table.remove(&peer).expect("checked above");
     drop(table);
-    // The reply task owns the slot; aborting it drops its guard, which gives the slot back.
+    // The reply task's guard finds its entry gone and leaves the slot to this function.
     flow.replies.abort();
     relay.budget.release();
     true

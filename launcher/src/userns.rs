@@ -402,7 +402,9 @@ fn creator_main(
     go: OwnedFd,
 ) -> i32 {
     for fd in inherited {
-        sys::close_raw(*fd);
+        // SAFETY: this child never returns to the launcher's code that owns them; it ends with
+        // exit_now.
+        unsafe { sys::close_raw(*fd) };
     }
     let mut report = fs::File::from(report);
     // Holding nothing of the launcher's, this process may be dumpable: its /proc files become its
@@ -503,7 +505,9 @@ impl MapHelper {
                 drop(go_w);
                 drop(res_r);
                 for fd in inherited {
-                    sys::close_raw(*fd);
+                    // SAFETY: the helper never returns to the launcher's code that owns them; it
+                    // ends with exit_now.
+                    unsafe { sys::close_raw(*fd) };
                 }
                 let code = helper_main(plan, go_r, res_w);
                 sys::exit_now(code)

@@ -644,3 +644,62 @@ fn max_connections_must_fit_the_open_file_limit() {
     let (code, _, err) = run("100");
     assert_eq!(code, 0, "{err}");
 }
+
+/// The flow limit is shared by every UDP host socket, and so is the eviction: flows on one cannot
+/// keep another's clients out. Two host sockets: 127.0.0.1 and [::1], both to port 53 inside.
+#[test]
+fn udp_flows_of_one_host_socket_cannot_shut_out_another() {
+    if !require(
+        std::net::UdpSocket::bind("[::1]:0").is_ok(),
+        "IPv6 on loopback",
+    ) {
+        return;
+    }
+    let mut cmd = lowport();
+    cmd.args([
+        "run",
+        "--max-udp-flows",
+        "2",
+        "-p",
+        "127.0.0.1:0:53/udp",
+        "-p",
+        "[::1]:0:53/udp",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin())
+    .args(["--udp-echo", "53"]);
+    let launch = Launch::start(cmd);
+    let v4 = launch
+        .ports
+        .iter()
+        .find(|p| !p.host_ip.contains(':'))
+        .unwrap();
+    let v6 = launch
+        .ports
+        .iter()
+        .find(|p| p.host_ip.contains(':'))
+        .unwrap();
+    let a = SocketAddr::from(([127, 0, 0, 1], v4.host_port));
+    let b = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), v6.host_port);
+    let client = |bind: &str| {
+        let sock = UdpSocket::bind(bind).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        sock
+    };
+    let a_clients: Vec<UdpSocket> = (0..2).map(|_| client("127.0.0.1:0")).collect();
+    for c in &a_clients {
+        udp_ask(c, a);
+    }
+    for _ in 0..3 {
+        let c = client("[::1]:0");
+        let reply = udp_ask(&c, b);
+        assert_eq!(
+            reply["peer_port"],
+            c.local_addr().unwrap().port(),
+            "{reply}"
+        );
+    }
+}

@@ -815,3 +815,71 @@ fn a_setcap_lowport_never_lets_its_user_take_the_privileged_socket() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "nothing stolen", "{err}");
 }
+
+/// Ctrl-C on the terminal lowport runs on reaches the command once: the terminal signals the whole
+/// foreground group (lowport, its pid-1 helper and the command), and neither lowport nor the helper
+/// may pass on a second copy.
+#[test]
+fn ctrl_c_on_a_terminal_reaches_the_command_once() {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let (master, slave) = (pty.master, pty.slave);
+    let script = "import signal, sys, time\n\
+        count = 0\n\
+        def on_int(sig, frame):\n    global count\n    count += 1\n\
+        signal.signal(signal.SIGINT, on_int)\n\
+        print('ready', flush=True)\n\
+        while count == 0:\n    time.sleep(0.01)\n\
+        time.sleep(1)\n\
+        print('count', count, flush=True)\n";
+    let mut cmd = lowport();
+    cmd.args(["run", "--userns", "single", "--", PYTHON, "-c", script]);
+    let slave_fd = std::os::fd::AsRawFd::as_raw_fd(&slave);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in 0..=2 {
+                nix::unistd::dup2(slave_fd, fd)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start lowport on the pty");
+    drop(slave);
+    let mut terminal = std::fs::File::from(master);
+    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let output = output.clone();
+        let mut terminal = terminal.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = terminal.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    eventually("the command to be ready", || {
+        output.lock().unwrap().contains("ready").then_some(())
+    });
+    use std::io::Write as _;
+    terminal.write_all(&[3]).expect("type Ctrl-C"); // VINTR
+    let status = wait_with_deadline(&mut child, PATIENCE);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = output.lock().unwrap().clone();
+    drop(terminal);
+    drop(reader);
+    assert!(status.is_some(), "lowport did not exit: {text}");
+    assert!(text.contains("count 1"), "SIGINT must arrive once: {text}");
+}
