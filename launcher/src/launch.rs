@@ -149,9 +149,11 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         caller_nofile.map_or(1024, |(soft, _)| soft)
     });
     let relaying = !config.socket_activation && !config.publish.is_empty();
+    // Descriptors lowport inherited (stdio, --ready-fd, whatever the caller left open) count too.
+    let inherited = std::fs::read_dir("/proc/self/fd").map_or(3, |d| d.count().saturating_sub(1));
     let limits = Limits::fit(
         nofile,
-        config.publish.len() * 2,
+        config.publish.len() * 2 + inherited,
         relaying.then_some(&config),
     )?;
     debug!(?limits, nofile, "connection and flow limits");
@@ -401,7 +403,8 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Fits the limits into `nofile` descriptors, after `host_sockets` and lowport's own. Defaults take
+    /// Fits the limits into `nofile` descriptors, after `host_sockets` (and the descriptors lowport
+    /// inherited) and lowport's own. Defaults take
     /// what is left (a UDP flow's socket is one descriptor; an eighth of the budget goes to flows when
     /// UDP is published); an explicit limit that cannot fit is refused, since honouring it would mean
     /// dropping clients at `accept` once the descriptors run out. `config` is `None` when nothing is
