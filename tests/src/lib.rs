@@ -408,6 +408,12 @@ pub fn wait_healthy(addr: SocketAddr) {
     });
 }
 
+/// Adds `run OPTIONS --ready-fd 3 --` to a lowport command, which `Launch::start` reads readiness
+/// from; the command to run follows.
+pub fn run_args<'a>(cmd: &'a mut Command, options: &[&str]) -> &'a mut Command {
+    cmd.arg("run").args(options).args(["--ready-fd", "3", "--"])
+}
+
 /// `lowport run -p PUBLISH --ready-fd 3 OPTIONS -- demo-server`, once demo-server answers /healthz.
 pub fn start_demo(publish: &str, options: &[&str]) -> Launch {
     let mut cmd = lowport();

@@ -238,18 +238,17 @@ fn lazy_clients_dropped_by_the_server_free_their_slots() {
         "listen 80;\n    client_header_timeout 1s;\n    location / { }",
     );
     let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "--max-connections",
-        "3",
-        "--half-closed-timeout",
-        "2s",
-        "-p",
-        "127.0.0.1:0:80",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
+    run_args(
+        &mut cmd,
+        &[
+            "--max-connections",
+            "3",
+            "--half-closed-timeout",
+            "2s",
+            "-p",
+            "127.0.0.1:0:80",
+        ],
+    )
     .args(nginx_args(&dir.0));
     let launch = Launch::start(cmd);
     eventually("nginx to answer", || {
@@ -553,16 +552,10 @@ fn idle_connections_hold_no_pipe() {
     }
     const N: usize = 200;
     let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "-p",
-        "127.0.0.1:0:80",
-        "--max-connections",
-        "300",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
+    run_args(
+        &mut cmd,
+        &["-p", "127.0.0.1:0:80", "--max-connections", "300"],
+    )
     .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     let pid = launch.child.id();
@@ -656,18 +649,17 @@ fn udp_flows_of_one_host_socket_cannot_shut_out_another() {
         return;
     }
     let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "--max-udp-flows",
-        "2",
-        "-p",
-        "127.0.0.1:0:53/udp",
-        "-p",
-        "[::1]:0:53/udp",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
+    run_args(
+        &mut cmd,
+        &[
+            "--max-udp-flows",
+            "2",
+            "-p",
+            "127.0.0.1:0:53/udp",
+            "-p",
+            "[::1]:0:53/udp",
+        ],
+    )
     .arg(demo_server_bin())
     .args(["--udp-echo", "53"]);
     let launch = Launch::start(cmd);

@@ -408,15 +408,7 @@ fn file_capability_binds_a_low_host_port_then_holds_nothing() {
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free low port");
     let mut cmd = unprivileged_as(NOBODY, NOBODY, &bin);
-    cmd.args([
-        "run",
-        "-p",
-        &format!("127.0.0.1:{port}:80"),
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(demo_server_bin());
+    run_args(&mut cmd, &["-p", &format!("127.0.0.1:{port}:80")]).arg(demo_server_bin());
     let launch = Launch::start(cmd);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_healthy(addr);

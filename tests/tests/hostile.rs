@@ -310,7 +310,7 @@ fn sigterm_reaches_a_command_that_switched_uid() {
         return;
     };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
-    cmd.args(["run", "--userns", "subids", "--ready-fd", "3", "--"])
+    run_args(&mut cmd, &["--userns", "subids"])
         .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
         .args(["sleep", "1000"]);
     let mut launch = Launch::start(cmd);
@@ -385,19 +385,10 @@ fn lighttpd_switching_to_www_data_serves_and_stops_on_sigterm() {
     .unwrap();
 
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
-    cmd.args([
-        "run",
-        "--userns",
-        "subids",
-        "-p",
-        "127.0.0.1:0:80",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(lighttpd.unwrap())
-    .args(["-D", "-f"])
-    .arg(&conf);
+    run_args(&mut cmd, &["--userns", "subids", "-p", "127.0.0.1:0:80"])
+        .arg(lighttpd.unwrap())
+        .args(["-D", "-f"])
+        .arg(&conf);
     let mut launch = Launch::start(cmd);
     let body = eventually("lighttpd to answer", || {
         match http(launch.addr(), "GET", "/", b"") {

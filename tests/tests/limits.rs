@@ -70,8 +70,7 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
 #[test]
 fn one_stalled_peer_does_not_stall_the_others() {
     let mut cmd = lowport();
-    cmd.args(["run", "-p", "127.0.0.1:0:80", "--ready-fd", "3", "--"])
-        .arg(demo_server_bin());
+    run_args(&mut cmd, &["-p", "127.0.0.1:0:80"]).arg(demo_server_bin());
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     // This client uploads to /echo but never reads the echo: every buffer on its path fills up.

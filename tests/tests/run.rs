@@ -91,17 +91,7 @@ fn port_start_option_is_applied_inside() {
 #[test]
 fn ready_report_lists_pid_and_every_bound_socket() {
     let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "-p",
-        "0:80",
-        "-p",
-        "127.0.0.1:0:443",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(demo_server_bin());
+    run_args(&mut cmd, &["-p", "0:80", "-p", "127.0.0.1:0:443"]).arg(demo_server_bin());
     let launch = Launch::start(cmd);
     let ips: Vec<&str> = launch.ports.iter().map(|p| p.host_ip.as_str()).collect();
     assert!(
@@ -230,7 +220,7 @@ fn ipv6_clients_reach_an_ipv4_only_server() {
         return;
     }
     let mut cmd = lowport();
-    cmd.args(["run", "-p", "0:80", "--ready-fd", "3", "--"])
+    run_args(&mut cmd, &["-p", "0:80"])
         .arg(demo_server_bin())
         .args(["--bind", "0.0.0.0"]);
     let launch = Launch::start(cmd);

@@ -526,18 +526,17 @@ fn lazy_clients_do_not_keep_the_slots() {
     }
     let dir = nginx_dir();
     let mut cmd = lowport();
-    cmd.args([
-        "run",
-        "-p",
-        "127.0.0.1:0:80",
-        "--max-connections",
-        "3",
-        "--half-closed-timeout",
-        "2s",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
+    run_args(
+        &mut cmd,
+        &[
+            "-p",
+            "127.0.0.1:0:80",
+            "--max-connections",
+            "3",
+            "--half-closed-timeout",
+            "2s",
+        ],
+    )
     .arg(nginx.unwrap())
     .args(["-e", "stderr", "-p"])
     .arg(&dir)

@@ -29,18 +29,9 @@ fn subids_maps_the_ranges_and_a_server_can_switch_uid() {
     };
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
     // The server drops to uid/gid 33 inside, and still binds port 80 thanks to the port start of 0.
-    cmd.args([
-        "run",
-        "--userns",
-        "subids",
-        "-p",
-        "127.0.0.1:0:80",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
-    .arg(demo_server_bin());
+    run_args(&mut cmd, &["--userns", "subids", "-p", "127.0.0.1:0:80"])
+        .args(["setpriv", "--reuid=33", "--regid=33", "--clear-groups"])
+        .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     let who = get_json(launch.addr(), "/whoami");
@@ -146,21 +137,12 @@ fn nginx_master_switches_its_workers_to_another_uid() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
-    cmd.args([
-        "run",
-        "--userns",
-        "subids",
-        "-p",
-        "127.0.0.1:0:80",
-        "--ready-fd",
-        "3",
-        "--",
-    ])
-    .arg(nginx.unwrap())
-    .args(["-e", "stderr", "-p"])
-    .arg(&dir)
-    .arg("-c")
-    .arg(dir.join("nginx.conf"));
+    run_args(&mut cmd, &["--userns", "subids", "-p", "127.0.0.1:0:80"])
+        .arg(nginx.unwrap())
+        .args(["-e", "stderr", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"));
     let launch = Launch::start(cmd);
     let (status, body) = eventually("nginx to answer", || {
         match http(launch.addr(), "GET", "/", b"") {
