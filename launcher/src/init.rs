@@ -347,11 +347,10 @@ fn helper_main(
         crate::capabilities::drop_all_except(Some(crate::capabilities::Capability::CAP_KILL))
     });
 
-    // The command shares this helper's process group when it runs on a terminal: the terminal's own
-    // signals (Ctrl-C, a resize) have reached it already, and a second copy would make, say, Python
-    // raise KeyboardInterrupt twice. The launcher skips those for the same reason.
-    let same_group =
-        nix::unistd::getpgid(Some(child)).is_ok_and(|group| group == nix::unistd::getpgrp());
+    // A signal the terminal generated (SI_KERNEL: Ctrl-C, a resize) reached this helper because it is
+    // in the launcher's process group; the launcher has decided for itself whether the command needs
+    // a copy (it did not when the command shares the group and got the original) and sends it as
+    // SI_USER. Passing this one on too would make, say, Python raise KeyboardInterrupt twice.
     loop {
         let Ok((sig, code)) = sys::wait_for_signal(&waited) else {
             return 125;
@@ -363,7 +362,7 @@ fn helper_main(
                 }
                 return exit.code();
             }
-        } else if code == libc::SI_KERNEL && same_group {
+        } else if code == libc::SI_KERNEL {
             continue;
         } else if let Ok(sig) = Signal::try_from(sig) {
             match nix::sys::signal::kill(child, sig) {

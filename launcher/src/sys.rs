@@ -232,6 +232,8 @@ pub fn deny_terminal_injection() -> io::Result<()> {
     const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_003E, [16, 0x4000_0000 | 514], 0x4000_0003, 54);
     #[cfg(target_arch = "aarch64")]
     const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_00B7, [29, 29], 0x4000_0028, 54);
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    compile_error!("deny_terminal_injection knows the system call ABIs of x86_64 and aarch64 only; add this architecture's AUDIT_ARCH values and ioctl numbers");
     let (native, [ioctl_a, ioctl_b], compat, compat_ioctl) = ABIS;
     let stmt = |code, k| sock_filter {
         code,

@@ -326,8 +326,20 @@ pub fn create_and_join(
         report
             .read_exact(&mut len)
             .map_err(|_| UsernsError::Creator(io::Error::other("it exited without a report")))?;
-        let mut env = vec![0u8; u64::from_ne_bytes(len) as usize];
+        let len = u64::from_ne_bytes(len);
+        if len > MAX_ENVIRON {
+            return Err(UsernsError::Creator(io::Error::other(format!(
+                "it reported an environment of {len} bytes"
+            ))));
+        }
+        let mut env = vec![0u8; len as usize];
         report.read_exact(&mut env).map_err(UsernsError::Creator)?;
+        let mut pid = [0u8; 4];
+        report.read_exact(&mut pid).map_err(UsernsError::Creator)?;
+        // The child's pid as /proc knows it, for newuidmap and the /proc/PID/ns fallback: inside
+        // another lowport, /proc is the host's and `child` (this pid namespace's number) names
+        // another process there.
+        let proc_pid = Pid::from_raw(i32::from_ne_bytes(pid));
         let mut status = Vec::new();
         report
             .read_to_end(&mut status)
@@ -346,9 +358,9 @@ pub fn create_and_join(
             }
         }
         if let (Plan::Subids(_), Some(helper)) = (plan, helper) {
-            helper.map(child)?;
+            helper.map(proc_pid)?;
         }
-        join(child)?;
+        join(child, proc_pid)?;
         Ok(env)
     })();
     // The child waits for this end to close before it exits, keeping the namespaces alive until they
@@ -361,7 +373,7 @@ pub fn create_and_join(
 /// Enters the user and network namespaces of `child`: through a pidfd (Linux 5.8), which names the
 /// child whatever /proc shows (inside another lowport, /proc is still the host's, where the child's
 /// pid means another process), or through /proc/PID/ns on older kernels.
-fn join(child: Pid) -> Result<(), UsernsError> {
+fn join(child: Pid, proc_pid: Pid) -> Result<(), UsernsError> {
     use nix::sched::CloneFlags;
     let both = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET;
     let what = "user and network namespaces";
@@ -385,13 +397,18 @@ fn join(child: Pid) -> Result<(), UsernsError> {
         ("net", CloneFlags::CLONE_NEWNET, "network namespace"),
     ] {
         let fail = |source: io::Error| UsernsError::Join { what, source };
-        let file = fs::File::open(format!("/proc/{child}/ns/{ns}")).map_err(fail)?;
+        let file = fs::File::open(format!("/proc/{proc_pid}/ns/{ns}")).map_err(fail)?;
         nix::sched::setns(file, flag).map_err(|e| fail(e.into()))?;
     }
     Ok(())
 }
 
-/// The child of [`create_and_join`]. The report: the length and bytes of /proc/self/environ, then `U`
+/// The most bytes of environment the launcher accepts from the child (the kernel's own limit on
+/// exec arguments and environment together is a quarter of the stack limit, 2 MiB by default).
+const MAX_ENVIRON: u64 = 8 << 20;
+
+/// The child of [`create_and_join`]. The report: the length and bytes of /proc/self/environ, its pid
+/// as /proc shows it, then `U`
 /// once the namespaces and their maps exist, or `X` and the error message.
 fn creator_main(
     plan: &Plan,
@@ -415,9 +432,14 @@ fn creator_main(
     } else {
         Vec::new()
     };
+    let proc_pid = fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<i32>().ok())
+        .unwrap_or_else(|| nix::unistd::getpid().as_raw());
     if report
         .write_all(&(env.len() as u64).to_ne_bytes())
         .and_then(|()| report.write_all(&env))
+        .and_then(|()| report.write_all(&proc_pid.to_ne_bytes()))
         .is_err()
     {
         return 1;
