@@ -108,6 +108,8 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot install the seccomp filter that keeps the command from typing into the terminal: {0} (does this kernel have CONFIG_SECCOMP_FILTER?)")]
+    Filter(#[source] io::Error),
     #[error("{0:?} contains a NUL byte")]
     Nul(OsString),
 }
@@ -198,6 +200,7 @@ pub fn precheck(program: &OsStr) -> Result<(), InitError> {
 const MSG_PID: u8 = b'P';
 const MSG_EXEC_FAILED: u8 = b'E';
 const MSG_FORK_FAILED: u8 = b'F';
+const MSG_FILTER_FAILED: u8 = b'S';
 
 /// Starts the pid-1 helper and the command under it.
 ///
@@ -261,6 +264,10 @@ fn parse_report(
         let value = i32::from_ne_bytes([*a, *b, *c, *d]);
         match *tag {
             MSG_PID => started.child_pid = value as u32,
+            MSG_FILTER_FAILED => {
+                let _ = waitpid(started.init, None);
+                return Err(InitError::Filter(io::Error::from_raw_os_error(value)));
+            }
             MSG_EXEC_FAILED | MSG_FORK_FAILED => {
                 // The helper exits right after the command does; reap it so nothing is left.
                 let _ = waitpid(started.init, None);
@@ -471,7 +478,7 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
     if let Err(e) = sys::deny_terminal_injection() {
         send(
             status,
-            MSG_EXEC_FAILED,
+            MSG_FILTER_FAILED,
             e.raw_os_error().unwrap_or(libc::EINVAL),
         );
         sys::exit_now(125);

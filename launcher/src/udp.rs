@@ -5,8 +5,8 @@
 //! come back on that socket and go out of the host socket to the right client. A flow that sees no
 //! datagram in either direction for the idle timeout is closed.
 //!
-//! Bounded: at most `FlowBudget` flows over all UDP ports (each holds one socket, a descriptor); at
-//! the limit the least recently used flow of the port makes room. A flow holds no buffer of its own:
+//! Bounded: at most `FlowBudget` flows over all UDP host sockets (each holds one socket, a
+//! descriptor); at the limit the least recently used flow of any of them makes room. A flow holds no buffer of its own:
 //! replies are read into one buffer per runtime thread.
 //!
 //! Which family inside: the client's own, unless only the other family has a socket bound to the
@@ -202,8 +202,9 @@ async fn relay(
     }
 }
 
-/// Opens a flow for `peer`, closing the least recently used one of this port when the budget is
-/// spent. `None` when there is no room at all (every flow belongs to other ports).
+/// Opens a flow for `peer`, closing the least recently used flow of any host socket when the budget
+/// is spent. `None` when no room could be made (the oldest flow changed while it was looked for, or
+/// another socket took the freed slot): the datagram is dropped, as a full network would drop it.
 fn open_flow(
     relay: &Arc<Relay>,
     peer: SocketAddr,

@@ -132,9 +132,9 @@ pub enum UsernsError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot start the id-mapping helper: {0}")]
+    #[error("cannot start the id-mapping helper: {0}{hint}", hint = process_limit_hint(.0))]
     Helper(#[source] io::Error),
-    #[error("cannot start the process that creates the namespaces: {0}")]
+    #[error("cannot start the process that creates the namespaces: {0}{hint}", hint = process_limit_hint(.0))]
     Creator(#[source] io::Error),
     #[error("cannot join the namespaces created for the command ({what}): {source}")]
     Join {
@@ -241,6 +241,15 @@ pub fn parse_ranges(text: &str, name: Option<&str>, id: u32) -> Vec<IdRange> {
             (Some(owner) == name || owner == id).then_some(IdRange { start, count })
         })
         .collect()
+}
+
+/// The hint for a fork refused with EAGAIN: RLIMIT_NPROC counts every process and thread of the uid.
+fn process_limit_hint(err: &io::Error) -> &'static str {
+    if err.raw_os_error() == Some(libc::EAGAIN) {
+        " (the limit on this user's processes and threads, ulimit -u, is reached: raise it, or stop some of this user's processes)"
+    } else {
+        ""
+    }
 }
 
 /// Turns a failed `unshare(CLONE_NEWUSER)` into the error that names its cause and fix.
