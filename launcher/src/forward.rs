@@ -355,7 +355,7 @@ struct Pipe {
 const POOLED_PIPES: usize = 16;
 /// Grown (bulk) pipes kept per thread: each counts 256 pages against the user's pipe quota
 /// (fs.pipe-user-pages-soft, 16384 pages by default, shared with every program of the user).
-const POOLED_BULK_PIPES: usize = 4;
+const POOLED_BULK_PIPES: usize = 8;
 
 /// The descriptors one runtime thread's pipe pools may hold, for the open-file budget.
 pub const POOLED_FDS_PER_THREAD: usize = 2 * (POOLED_PIPES + POOLED_BULK_PIPES);
