@@ -452,10 +452,10 @@ impl Limits {
             let want = needed.max(reserved + FDS_PER_CONNECTION + 1);
             return Err(match asked {
                 Some(options) => LaunchError::Usage(format!(
-                    "{options} cannot be honoured: {connections} connections and {udp_flows} UDP flows need about {needed} open files ({FDS_PER_CONNECTION} per connection, 1 per flow, {reserved} for lowport and its host sockets), and the open-file limit is {nofile}; give a lower limit, or raise the open-file limit (ulimit -n {needed}; above the hard limit that needs root or limits.conf)"
+                    "{options} cannot be honoured: {connections} connections and {udp_flows} UDP flows need about {needed} open files ({FDS_PER_CONNECTION} per connection, 1 per flow, {reserved} for lowport, its host sockets and the descriptors it inherited), and the open-file limit is {nofile}; give a lower limit, or raise the open-file limit (ulimit -n {needed}; above the hard limit that needs root or limits.conf)"
                 )),
                 None => LaunchError::Resources(format!(
-                    "the open-file limit ({nofile}) leaves no room to relay: lowport needs {reserved} descriptors for itself and its host sockets and {FDS_PER_CONNECTION} per connection; raise it (ulimit -n {want} or more) or publish fewer ports"
+                    "the open-file limit ({nofile}) leaves no room to relay: lowport needs {reserved} descriptors for itself, its host sockets and the descriptors it inherited, and {FDS_PER_CONNECTION} per connection; raise it (ulimit -n {want} or more) or publish fewer ports"
                 )),
             });
         }
