@@ -252,6 +252,7 @@ async fn supervise(
 ) -> Result<i32, LaunchError> {
     let tcp_limit = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
     let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
+    let mut udp_sockets = Vec::new();
     let mut bound = Vec::new();
     for socket in sockets {
         bound.push((socket.spec.clone(), socket.addr));
@@ -279,18 +280,11 @@ async fn supervise(
                     std::future::pending(),
                 ));
             }
-            Bound::Udp(socket) => {
-                let socket = tokio::net::UdpSocket::from_std(socket)
-                    .map_err(LaunchError::io("register a host socket"))?;
-                tokio::spawn(udp::serve(
-                    socket,
-                    target,
-                    config.udp_timeout,
-                    udp_flows.clone(),
-                    std::future::pending(),
-                ));
-            }
+            Bound::Udp(socket) => udp_sockets.push((socket, target)),
         }
+    }
+    if !udp_sockets.is_empty() {
+        start_udp_relay(udp_sockets, config.udp_timeout, udp_flows)?;
     }
 
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
@@ -300,6 +294,54 @@ async fn supervise(
     let status = wait_forwarding_signals(&signals, &started).await?;
     drop(started);
     Ok(status)
+}
+
+/// Runs the UDP relays on a thread of their own, with a runtime of its own: a flood of datagrams from
+/// new source ports keeps that thread busy opening flows, and on the TCP relay's thread it would
+/// delay every TCP connection (tokio looks for new I/O events only between task polls). Apart, the
+/// kernel shares the CPUs between the two, and TCP stays as quick as without the flood.
+fn start_udp_relay(
+    sockets: Vec<(std::net::UdpSocket, Target)>,
+    idle: std::time::Duration,
+    budget: udp::FlowBudget,
+) -> Result<(), LaunchError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LaunchError::io("start the UDP relay's runtime"))?;
+    std::thread::Builder::new()
+        .name("lowport-udp".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                for (socket, target) in sockets {
+                    match tokio::net::UdpSocket::from_std(socket) {
+                        Ok(socket) => {
+                            tokio::spawn(udp::serve(
+                                socket,
+                                target,
+                                idle,
+                                budget.clone(),
+                                std::future::pending(),
+                            ));
+                        }
+                        Err(err) => warn!(
+                            ?err,
+                            port = target.port,
+                            "cannot register a UDP host socket; its datagrams are not forwarded"
+                        ),
+                    }
+                }
+                std::future::pending::<()>().await
+            })
+        })
+        .map_err(|err| {
+            let nproc = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
+                .map_or("unknown".to_owned(), |(soft, _)| soft.to_string());
+            LaunchError::Resources(format!(
+                "cannot start lowport's UDP relay thread: {err}; the command was stopped (the limit on this user's processes and threads, ulimit -u, is {nproc}; raise it, or stop some of this user's processes)"
+            ))
+        })?;
+    Ok(())
 }
 
 /// Forwards signals to the pid-1 helper until it exits, and returns the status lowport exits with.
