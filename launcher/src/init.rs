@@ -526,6 +526,12 @@ fn pass_listen_fds(fds: &[(RawFd, String)]) -> io::Result<Vec<(OsString, OsStrin
         .map(|(fd, _)| sys::dup_at_least(*fd, 3 + fds.len() as RawFd))
         .collect::<io::Result<Vec<OwnedFd>>>()?;
     for (i, fd) in high.iter().enumerate() {
+        // systemd passes listening sockets in blocking mode (sd_listen_fds(3)), and servers written
+        // for it accept without asking; lowport's are non-blocking. The flag belongs to the open file
+        // description, shared with lowport's copies, which lowport never uses in this mode.
+        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
         // SAFETY: the command's side of the fork, about to exec: whatever owned the numbers from 3
         // is never used again.
         unsafe { sys::dup_to(fd.as_raw_fd(), 3 + i as RawFd)? };

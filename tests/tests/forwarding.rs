@@ -378,6 +378,35 @@ fn socket_activation_environment_follows_systemd() {
     assert_eq!(out, "2 tcp-80:udp-53\npid-ok\nfds-ok\n", "{err}");
 }
 
+/// Sockets are passed in blocking mode, as systemd passes them (sd_listen_fds(3)): a server written
+/// for socket activation, here Python's, accepts on fd 3 without making it blocking first.
+#[test]
+fn socket_activation_passes_blocking_sockets() {
+    // The server reports the mode it was given, then accepts (after select, so that a non-blocking
+    // socket does not fail the accept before the client arrives).
+    let script = "import fcntl, os, select, socket\n\
+        mode = 'non-blocking' if fcntl.fcntl(3, fcntl.F_GETFL) & os.O_NONBLOCK else 'blocking'\n\
+        s = socket.socket(fileno=3)\n\
+        select.select([s], [], [])\n\
+        c, _ = s.accept()\n\
+        c.sendall(mode.encode())\n\
+        c.close()\n";
+    let mut cmd = lowport();
+    run_args(&mut cmd, &["--socket-activation", "-p", "127.0.0.1:0:80"]).args([
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ]);
+    let mut launch = Launch::start(cmd);
+    let mut reply = String::new();
+    let mut conn = std::net::TcpStream::connect(launch.addr()).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    std::io::Read::read_to_string(&mut conn, &mut reply).unwrap();
+    assert_eq!(reply, "blocking");
+    let status = launch.wait();
+    assert!(status.success(), "{}", launch.stderr());
+}
+
 #[test]
 fn file_capability_binds_a_low_host_port_then_holds_nothing() {
     let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
