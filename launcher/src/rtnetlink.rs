@@ -215,7 +215,8 @@ fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
     buf.resize(align(buf.len()), 0);
 }
 
-fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+/// A netlink message: `nlmsghdr` (type `kind`, `flags`, `seq`, port 0) followed by `body`.
+pub(crate) fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     let len = 16 + body.len();
     let mut msg = Vec::with_capacity(len);
     msg.extend_from_slice(&(len as u32).to_ne_bytes());

@@ -114,15 +114,7 @@ fn request(port: u16, v6: bool, seq: u32) -> Vec<u8> {
     body.extend_from_slice(&0u32.to_ne_bytes()); // idiag_if
     body.extend_from_slice(&NO_COOKIE.to_ne_bytes());
     body.extend_from_slice(&NO_COOKIE.to_ne_bytes());
-    let len = 16 + body.len();
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend(body);
-    msg
+    crate::rtnetlink::message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, &body)
 }
 
 #[cfg(test)]

@@ -485,6 +485,17 @@ pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
     })
 }
 
+/// The uid and gid of the test user with subordinate ranges, when the tests are root and it exists
+/// (after `require`).
+pub fn subid_user() -> Option<(u32, u32)> {
+    let ids = user_ids(SUBID_USER);
+    require(
+        ids.is_some() && is_root(),
+        &format!("root, to run as the test user {SUBID_USER} (make test creates it)"),
+    )
+    .then_some(ids?)
+}
+
 /// The uid and gid of `user` from the passwd database, if it exists.
 pub fn user_ids(user: &str) -> Option<(u32, u32)> {
     let u = nix::unistd::User::from_name(user).ok().flatten()?;

@@ -119,16 +119,6 @@ impl Drop for Running {
     }
 }
 
-/// The test user with subordinate ranges, when the tests are root and it exists.
-fn subid_user() -> Option<(u32, u32)> {
-    let ids = user_ids(SUBID_USER);
-    require(
-        ids.is_some() && is_root(),
-        &format!("root, to run as the test user {SUBID_USER} (make test creates it)"),
-    )
-    .then_some(ids?)
-}
-
 /// The first host id of the test user's subordinate range in /etc/subuid (inside id 1).
 fn subuid_start() -> u32 {
     let text = std::fs::read_to_string("/etc/subuid").unwrap();

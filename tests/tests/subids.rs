@@ -4,15 +4,6 @@
 
 use lowport_tests::*;
 
-fn subid_user() -> Option<(u32, u32)> {
-    let ids = user_ids(SUBID_USER);
-    require(
-        ids.is_some() && is_root(),
-        &format!("root, to run as the test user {SUBID_USER} (make test creates it)"),
-    )
-    .then_some(ids?)
-}
-
 fn subid_start(file: &str) -> u64 {
     let text = std::fs::read_to_string(file).unwrap();
     let line = text
