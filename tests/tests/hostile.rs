@@ -329,6 +329,81 @@ fn sigterm_reaches_a_command_that_switched_uid() {
     });
 }
 
+/// A DNS query for test.lowport from 127.0.0.9 to 127.0.0.1:PORT (argv[1]), retried until answered;
+/// prints the A record of the answer.
+const DNS_QUERY: &str = r#"
+import socket, struct, sys, time
+port = int(sys.argv[1])
+name = b"".join(bytes([len(p)]) + p for p in b"test.lowport".split(b"."))
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.9", 0))
+s.settimeout(0.5)
+deadline = time.time() + 20
+while time.time() < deadline:
+    s.sendto(q, ("127.0.0.1", port))
+    try:
+        r = s.recv(512)
+    except socket.timeout:
+        continue
+    print(socket.inet_ntoa(r[-4:]))
+    break
+"#;
+
+/// dnsmasq as packaged, in the foreground (`-k`): it binds UDP port 53 as root inside, switches to
+/// nobody (another uid under `--userns subids`), answers a query through the UDP relay, and stops
+/// when lowport gets SIGTERM.
+#[test]
+fn dnsmasq_switching_user_answers_and_stops_on_sigterm() {
+    let dnsmasq = ["/usr/sbin/dnsmasq", "/sbin/dnsmasq"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    if !require(dnsmasq.is_some(), "dnsmasq (package dnsmasq)") {
+        return;
+    }
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+    run_args(
+        &mut cmd,
+        &["--userns", "subids", "-p", "127.0.0.1:0:53/udp"],
+    )
+    .arg(dnsmasq.unwrap())
+    .args([
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--port=53",
+        "--listen-address=127.0.0.1",
+        "--address=/test.lowport/192.0.2.77",
+        "--pid-file",
+        "--log-facility=-",
+    ]);
+    let mut launch = Launch::start(cmd);
+    let dir = TempDir::new("dnsmasq");
+    let query = dir.write("query.py", DNS_QUERY);
+    let (code, out, err) = run_to_end(
+        unprivileged_as(NOBODY, NOBODY, Path::new(PYTHON))
+            .arg(&query)
+            .arg(launch.host_port().to_string()),
+    );
+    assert_eq!((code, out.trim()), (0, "192.0.2.77"), "{err}");
+    let server = launch.pid;
+    assert_ne!(
+        host_uid(server),
+        Some(uid),
+        "dnsmasq switched to another uid than the caller's"
+    );
+    launch.signal(Signal::SIGTERM);
+    let status = launch.wait();
+    let stderr = launch.stderr();
+    assert!(status.code().is_some(), "{stderr}");
+    assert!(!process_exists(server), "dnsmasq is gone: {stderr}");
+    assert!(!stderr.contains("cannot pass"), "{stderr}");
+}
+
 /// lighttpd as packaged: it binds port 80 as root inside, switches to www-data, serves a GET through
 /// the relay, and stops when lowport gets SIGTERM.
 #[test]
