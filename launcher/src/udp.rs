@@ -203,17 +203,22 @@ async fn relay(
 }
 
 /// Opens a flow for `peer`, closing the least recently used flow of any host socket when the budget
-/// is spent. `None` when no room could be made (the oldest flow changed while it was looked for, or
-/// another socket took the freed slot): the datagram is dropped, as a full network would drop it.
+/// is spent. `None` when no room could be made in three tries (every time, the oldest flow changed
+/// while it was looked for, or another socket took the freed slot): the datagram is dropped, as a
+/// full network would drop it.
 fn open_flow(
     relay: &Arc<Relay>,
     peer: SocketAddr,
     family: &mut FamilyChoice,
 ) -> io::Result<Option<(Arc<UdpSocket>, Arc<AtomicU64>)>> {
-    if !relay.budget.try_take() {
+    // At the limit, make room; a few tries, since the oldest flow may be renewed, or the freed slot
+    // taken by another host socket, between the scan and the take.
+    let mut tries = 0;
+    while !relay.budget.try_take() {
+        tries += 1;
         let evicted = evict_least_recent(relay);
         relay.budget.reached(relay.target.port, evicted);
-        if !evicted || !relay.budget.try_take() {
+        if tries == 3 {
             return Ok(None);
         }
     }
