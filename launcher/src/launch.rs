@@ -151,9 +151,10 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let relaying = !config.socket_activation && !config.publish.is_empty();
     // Descriptors lowport inherited (stdio, --ready-fd, whatever the caller left open) count too.
     let inherited = std::fs::read_dir("/proc/self/fd").map_or(3, |d| d.count().saturating_sub(1));
+    let threads = relay_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let limits = Limits::fit(
         nofile,
-        config.publish.len() * 2 + inherited,
+        reserved_fds(config.publish.len() * 2 + inherited, threads),
         relaying.then_some(&config),
     )?;
     debug!(?limits, nofile, "connection and flow limits");
@@ -235,9 +236,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     capabilities::drop_bounding()?;
     capabilities::drop_all()?;
 
-    let runtime = build_runtime(relay_threads(
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-    ))?;
+    let runtime = build_runtime(threads)?;
     let status = runtime.block_on(supervise(config, limits, sockets, started, signals))?;
     runtime.shutdown_background();
     Ok(status)
@@ -445,17 +444,12 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Fits the limits into `nofile` descriptors, after `host_sockets` (and the descriptors lowport
-    /// inherited) and lowport's own. Defaults take
-    /// what is left (a UDP flow's socket is one descriptor; an eighth of the budget goes to flows when
-    /// UDP is published); an explicit limit that cannot fit is refused, since honouring it would mean
+    /// Fits the limits into `nofile` descriptors, after the `reserved` ones (see [`reserved_fds`]).
+    /// Defaults take what is left (a UDP flow's socket is one descriptor; an eighth of the budget goes
+    /// to flows when UDP is published); an explicit limit that cannot fit is refused, since honouring it would mean
     /// dropping clients at `accept` once the descriptors run out. `config` is `None` when nothing is
     /// relayed.
-    pub fn fit(
-        nofile: u64,
-        host_sockets: usize,
-        config: Option<&Config>,
-    ) -> Result<Limits, LaunchError> {
+    pub fn fit(nofile: u64, reserved: u64, config: Option<&Config>) -> Result<Limits, LaunchError> {
         let Some(config) = config else {
             return Ok(Limits {
                 connections: 0,
@@ -465,7 +459,6 @@ impl Limits {
         let has = |p: crate::publish::Protocol| config.publish.iter().any(|s| s.protocol == p);
         let has_udp = has(crate::publish::Protocol::Udp);
         let has_tcp = has(crate::publish::Protocol::Tcp);
-        let reserved = reserved_fds(host_sockets);
         let budget = nofile.saturating_sub(reserved);
         let udp_flows = match config.max_udp_flows {
             _ if !has_udp => 0,
@@ -508,9 +501,9 @@ impl Limits {
     }
 }
 
-/// The descriptors lowport needs besides its connections and flows.
-fn reserved_fds(host_sockets: usize) -> u64 {
-    let threads = relay_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+/// The descriptors lowport needs besides its connections and flows: its own, the pipe pools of its
+/// `threads` relay threads, and `host_sockets` (with those it inherited).
+fn reserved_fds(host_sockets: usize, threads: usize) -> u64 {
     FDS_OWN + (forward::POOLED_FDS_PER_THREAD * threads) as u64 + host_sockets as u64
 }
 
@@ -656,31 +649,36 @@ mod tests {
     #[test]
     fn default_limits_follow_the_open_file_limit() {
         let tcp = config(&["8080:80"], None, None);
-        let fit = |nofile| Limits::fit(nofile, 2, Some(&tcp)).unwrap();
-        assert_eq!(fit(1024).connections as u64, (1024 - reserved_fds(2)) / 6);
+        let fit = |nofile| Limits::fit(nofile, reserved_fds(2, 1), Some(&tcp)).unwrap();
+        assert_eq!(
+            fit(1024).connections as u64,
+            (1024 - reserved_fds(2, 1)) / 6
+        );
         assert_eq!(fit(1024).udp_flows, 0);
         assert_eq!(fit(1 << 20).connections, 16384);
         let both = config(&["8080:80", "5353:53/udp"], None, None);
-        let limits = Limits::fit(20000, 4, Some(&both)).unwrap();
-        assert_eq!(limits.udp_flows as u64, (20000 - reserved_fds(4)) / 8);
-        assert!(reserved_fds(4) + limits.connections as u64 * 6 + limits.udp_flows as u64 <= 20000);
-        let limits = Limits::fit(1 << 20, 4, Some(&both)).unwrap();
+        let limits = Limits::fit(20000, reserved_fds(4, 1), Some(&both)).unwrap();
+        assert_eq!(limits.udp_flows as u64, (20000 - reserved_fds(4, 1)) / 8);
+        assert!(
+            reserved_fds(4, 1) + limits.connections as u64 * 6 + limits.udp_flows as u64 <= 20000
+        );
+        let limits = Limits::fit(1 << 20, reserved_fds(4, 1), Some(&both)).unwrap();
         assert_eq!((limits.connections, limits.udp_flows), (16384, 4096));
     }
 
     #[test]
     fn explicit_limits_that_do_not_fit_are_refused() {
         let tcp = config(&["8080:80"], Some(5000), None);
-        let err = Limits::fit(20000, 2, Some(&tcp)).unwrap_err();
+        let err = Limits::fit(20000, reserved_fds(2, 1), Some(&tcp)).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         let text = err.to_string();
         assert!(
             text.contains("--max-connections") && text.contains("ulimit -n"),
             "{text}"
         );
-        assert!(Limits::fit(40000, 2, Some(&tcp)).is_ok());
+        assert!(Limits::fit(40000, reserved_fds(2, 1), Some(&tcp)).is_ok());
         let udp = config(&["5353:53/udp"], None, Some(100_000));
-        assert!(Limits::fit(20000, 2, Some(&udp))
+        assert!(Limits::fit(20000, reserved_fds(2, 1), Some(&udp))
             .unwrap_err()
             .to_string()
             .contains("--max-udp-flows"));
@@ -689,11 +687,11 @@ mod tests {
     #[test]
     fn a_tiny_open_file_limit_is_named() {
         let tcp = config(&["8080:80"], None, None);
-        let err = Limits::fit(40, 2, Some(&tcp)).unwrap_err();
+        let err = Limits::fit(40, reserved_fds(2, 1), Some(&tcp)).unwrap_err();
         assert_eq!(err.exit_code(), 125);
         assert!(err.to_string().contains("ulimit -n"), "{err}");
         assert_eq!(
-            Limits::fit(40, 2, None).unwrap(),
+            Limits::fit(40, reserved_fds(2, 1), None).unwrap(),
             Limits {
                 connections: 0,
                 udp_flows: 0
