@@ -40,6 +40,15 @@ impl std::os::fd::AsRawFd for Bound {
     }
 }
 
+impl std::os::fd::AsFd for Bound {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Bound::Tcp(s) => s.as_fd(),
+            Bound::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Bound {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {

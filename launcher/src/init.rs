@@ -35,6 +35,9 @@ pub struct CommandSpec {
     /// The caller's soft and hard RLIMIT_NOFILE, restored before exec: lowport raises its own soft
     /// limit for the relay, and `select()`-based programs break above 1024.
     pub nofile: Option<(u64, u64)>,
+    /// The command's end of the socket over which it sends lowport the listener of its bind filter
+    /// (socket handoff, see `handoff`); `None` when no port is handed off.
+    pub handoff: Option<RawFd>,
 }
 
 /// The variables of systemd's socket-activation protocol. Inherited from lowport's own parent they
@@ -317,7 +320,9 @@ fn helper_main(
         return 125;
     }
     drop(lifeline);
-    let activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
+    // The command needs these; the helper closes its copies once the command is forked.
+    let mut activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
+    activation.extend(command.handoff);
     for fd in close.iter().filter(|fd| !activation.contains(fd)) {
         // SAFETY: the helper never returns to the launcher's code that owns these descriptors; it
         // ends with exit_now.
@@ -475,7 +480,7 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
     if !nix::unistd::isatty(0).unwrap_or(false) {
         let _ = nix::unistd::setsid();
     }
-    if let Err(e) = sys::deny_terminal_injection() {
+    if let Err(e) = install_filter(command.handoff) {
         send(
             status,
             MSG_FILTER_FAILED,
@@ -515,6 +520,47 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
     } else {
         126
     })
+}
+
+/// Installs the command's seccomp filter (see [`sys::install_command_filter`]). With `handoff`, the
+/// filter also stops the command's binds, and its listener goes to lowport over that socket, with a
+/// zero; where the kernel refuses a listener (EBUSY: the command already runs under one, as inside
+/// another lowport; EINVAL: too old), the errno goes instead, and the terminal filter alone is installed.
+/// The command's copies of the listener and of the socket are closed before exec.
+fn install_filter(handoff: Option<RawFd>) -> io::Result<()> {
+    use std::os::fd::BorrowedFd;
+    let Some(sock) = handoff else {
+        return sys::install_command_filter(sys::FilterKind::Terminal).map(drop);
+    };
+    // SAFETY: the number is the command's end of the socketpair lowport made for this, open and
+    // close-on-exec; it is used here only and closed at exec.
+    let sock = unsafe { BorrowedFd::borrow_raw(sock) };
+    match sys::install_command_filter(sys::FilterKind::TerminalAndBind) {
+        Ok(listener) => {
+            let listener = listener.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            sys::send_with_fd(sock, &0i32.to_ne_bytes(), Some(listener.as_fd()))
+        }
+        Err(refused) => {
+            let errno = refused.raw_os_error().unwrap_or(libc::EINVAL);
+            sys::send_with_fd(sock, &errno.to_ne_bytes(), None)?;
+            sys::install_command_filter(sys::FilterKind::Terminal).map(drop)
+        }
+    }
+}
+
+/// Receives what [`install_filter`] sent: the listener, or why the kernel refused one.
+pub fn receive_listener(sock: &OwnedFd) -> io::Result<OwnedFd> {
+    let mut buf = [0u8; 4];
+    let (n, fd) = sys::recv_with_fd(
+        sock.as_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )?;
+    match (n, fd) {
+        (4, Some(fd)) if i32::from_ne_bytes(buf) == 0 => Ok(fd),
+        (4, _) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
+        _ => Err(io::Error::other("the command sent no listener")),
+    }
 }
 
 /// systemd's protocol (sd_listen_fds(3)): descriptors from 3, and the LISTEN_FDS, LISTEN_PID and

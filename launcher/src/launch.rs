@@ -14,7 +14,7 @@
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::capabilities::{self, CapsError};
 use crate::forward::{self, Target};
+use crate::handoff::{self, Factory, RelayControl};
 use crate::host::{self, BindError, Bound, HostSocket};
 use crate::init::{self, CommandSpec, InitError, Started};
 use crate::netns::{self, NetnsError};
@@ -53,6 +54,8 @@ pub struct Config {
     pub max_udp_flows: Option<usize>,
     /// How long a TCP connection that one side has closed may stay without moving a byte.
     pub half_closed_timeout: std::time::Duration,
+    /// How published ports reach the server: handed over, relayed, or handed over where possible.
+    pub forward: handoff::Mode,
     pub command: Vec<OsString>,
 }
 
@@ -135,7 +138,27 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     }
     init::precheck(program)?;
     if config.socket_activation {
+        if config.forward != handoff::Mode::Auto {
+            return Err(LaunchError::Usage(
+                "--socket-activation passes the host sockets to the command itself; it cannot be combined with --forward".into(),
+            ));
+        }
         refuse_privileged_activation(&config.publish, &proc_sys)?;
+    }
+    // Whether ports are handed to the server when it binds them (see `handoff`).
+    let mut handing = config.forward != handoff::Mode::Relay
+        && !config.socket_activation
+        && !config.publish.is_empty();
+    if handing {
+        if let Some(why) = handoff::kernel_refusal() {
+            if config.forward == handoff::Mode::Handoff {
+                return Err(LaunchError::Usage(format!(
+                    "--forward handoff: {why}; use --forward relay (or auto, which relays here)"
+                )));
+            }
+            debug!(%why, "relaying every port");
+            handing = false;
+        }
     }
     // The kernel lets a process map only its effective ids into the namespace it creates.
     let uid = nix::unistd::geteuid().as_raw();
@@ -161,6 +184,20 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
+    let host_start = host_port_start(&proc_sys);
+    if config.forward == handoff::Mode::Handoff {
+        if let Some(s) = sockets.iter().find(|s| s.addr.port() < host_start) {
+            return Err(LaunchError::Usage(format!(
+                "--forward handoff cannot hand over host port {} (-p {}): ports below {host_start} need privilege on this host, and a server holding such a socket could send from it as if it were root; use --forward auto, which relays that port and hands over the others",
+                s.addr.port(),
+                s.spec
+            )));
+        }
+    }
+    if handing && sockets.iter().all(|s| s.addr.port() < host_start) {
+        debug!("every host port needed privilege; relaying them");
+        handing = false;
+    }
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
     capabilities::drop_all_except(creator_keeps)?;
 
@@ -178,6 +215,21 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map_err(|e| LaunchError::io("block signals")(e.into()))?;
     let mut own_fds: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
     own_fds.extend(config.ready_fd);
+    // Forked while lowport is still in the host's network namespace, where it makes the sockets
+    // handed to a server that binds a second time or wants a dual-stack socket.
+    let factory = if handing {
+        let factory = Factory::spawn(&own_fds).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                LaunchError::Init(InitError::ProcessLimit(e))
+            } else {
+                LaunchError::io("start the host socket factory")(e)
+            }
+        })?;
+        own_fds.push(factory.raw_fd());
+        Some(factory)
+    } else {
+        None
+    };
     let helper = match &plan {
         Plan::Subids(p) => Some(MapHelper::spawn(p, &own_fds)?),
         Plan::Single { .. } => None,
@@ -210,11 +262,27 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     } else {
         Vec::new()
     };
+    // The command sends its bind filter's listener over this pair.
+    let listener_pair = if handing {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| LaunchError::io("make the handoff socket pair")(e.into()))?;
+        Some((ours, theirs))
+    } else {
+        None
+    };
+    let mut close_in_helper = close_in_helper;
+    close_in_helper.extend(listener_pair.as_ref().map(|(ours, _)| ours.as_raw_fd()));
     let command = CommandSpec {
         argv: config.command.clone(),
         env,
         activation,
         nofile: caller_nofile,
+        handoff: listener_pair.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
     };
     // From here on the command runs, as root in the namespaces lowport created. A non-dumpable process
     // can be ptraced, and its /proc/PID/mem and descriptors opened, only with CAP_SYS_PTRACE in the user
@@ -224,6 +292,66 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map_err(|e| LaunchError::io("make the process non-dumpable")(e.into()))?;
     let started = init::start(&command, &forwarded, &close_in_helper)?;
     debug!(init = %started.init, child = started.child_pid, "command started");
+    let listener = match listener_pair {
+        Some((ours, theirs)) => {
+            drop(theirs);
+            match init::receive_listener(&ours) {
+                Ok(listener) => Some(listener),
+                Err(err) if config.forward == handoff::Mode::Handoff => {
+                    stop_command(&started);
+                    return Err(LaunchError::Usage(format!(
+                        "--forward handoff: the kernel refused a seccomp listener for the command ({err}{}); use --forward relay (or auto, which relays then)",
+                        if err.raw_os_error() == Some(libc::EBUSY) {
+                            ": lowport already runs under one, as inside another lowport or a container that uses one"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                Err(err) => {
+                    debug!(%err, "no seccomp listener for the command; relaying every port");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    // One stop switch per host socket: the handoff thread stops a socket's relay before handing it over.
+    let mut controls = Vec::new();
+    let mut ports = Vec::new();
+    for socket in &sockets {
+        let (stop, control) = handoff::relay_control();
+        controls.push(control);
+        if listener.is_some() {
+            let copy = socket
+                .socket
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(LaunchError::io("copy a host socket"))?;
+            ports.push(handoff::Port::new(
+                socket.spec.clone(),
+                socket.addr,
+                socket.addr.port() >= host_start,
+                copy,
+                stop,
+            ));
+        }
+    }
+    let modes: Vec<&'static str> = sockets
+        .iter()
+        .map(|s| {
+            if config.socket_activation {
+                "activation"
+            } else if listener.is_some() && s.addr.port() >= host_start {
+                "handoff"
+            } else {
+                "relay"
+            }
+        })
+        .collect();
+    for (s, mode) in sockets.iter().zip(&modes) {
+        debug!(host = %s.addr, port = s.spec.port, protocol = %s.spec.protocol, mode, "forwarding");
+    }
 
     let signals = SignalFd::with_flags(
         &read_by_runtime,
@@ -232,12 +360,29 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     .map_err(|e| LaunchError::io("read signals")(e.into()))?;
     forward_pending(&signals, started.init, started.child_pid);
 
-    // 7. Nothing from here on needs a capability, in any namespace.
+    // 7. Nothing from here on needs a capability, in any namespace, but the handoff thread's
+    // CAP_SYS_PTRACE in the namespace lowport made: it reads the server's bind arguments and socket.
     capabilities::drop_bounding()?;
+    if let (Some(listener), Some(factory)) = (listener, factory) {
+        capabilities::drop_all_except(Some(capabilities::Capability::CAP_SYS_PTRACE))?;
+        let handoff = handoff::Handoff::new(listener, ports, factory)
+            .map_err(LaunchError::io("start the handoff"))?;
+        std::thread::Builder::new()
+            .name("lowport-handoff".into())
+            .spawn(move || handoff.run())
+            .map_err(|err| {
+                stop_command(&started);
+                LaunchError::Resources(format!(
+                    "cannot start lowport's handoff thread: {err}; the command was stopped (the limit on this user's processes and threads, ulimit -u, may be reached)"
+                ))
+            })?;
+    }
     capabilities::drop_all()?;
 
     let runtime = build_runtime(threads)?;
-    let status = runtime.block_on(supervise(config, limits, sockets, started, signals))?;
+    let status = runtime.block_on(supervise(
+        config, limits, sockets, controls, modes, started, signals,
+    ))?;
     runtime.shutdown_background();
     Ok(status)
 }
@@ -246,6 +391,8 @@ async fn supervise(
     config: Config,
     limits: Limits,
     sockets: Vec<HostSocket>,
+    controls: Vec<RelayControl>,
+    modes: Vec<&'static str>,
     started: Started,
     signals: SignalFd,
 ) -> Result<i32, LaunchError> {
@@ -253,8 +400,8 @@ async fn supervise(
     let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
     let mut udp_sockets = Vec::new();
     let mut bound = Vec::new();
-    for socket in sockets {
-        bound.push((socket.spec.clone(), socket.addr));
+    for ((socket, control), mode) in sockets.into_iter().zip(controls).zip(modes) {
+        bound.push((socket.spec.clone(), socket.addr, mode));
         if config.socket_activation {
             // The command owns its copies now; lowport's copies only have to outlive the readiness
             // report, and closing them early would change nothing for the command.
@@ -271,15 +418,14 @@ async fn supervise(
                 let options = forward::Options {
                     half_closed_timeout: config.half_closed_timeout,
                 };
-                tokio::spawn(forward::serve(
-                    listener,
-                    target,
-                    options,
-                    tcp_limit.clone(),
-                    std::future::pending(),
-                ));
+                let (shutdown, done) = control.split();
+                let limit = tcp_limit.clone();
+                tokio::spawn(async move {
+                    forward::serve(listener, target, options, limit, shutdown).await;
+                    drop(done);
+                });
             }
-            Bound::Udp(socket) => udp_sockets.push((socket, target)),
+            Bound::Udp(socket) => udp_sockets.push((socket, target, control)),
         }
     }
     if !udp_sockets.is_empty() {
@@ -300,7 +446,7 @@ async fn supervise(
 /// delay every TCP connection (tokio looks for new I/O events only between task polls). Apart, the
 /// kernel shares the CPUs between the two, and TCP stays as quick as without the flood.
 fn start_udp_relay(
-    sockets: Vec<(std::net::UdpSocket, Target)>,
+    sockets: Vec<(std::net::UdpSocket, Target, RelayControl)>,
     idle: std::time::Duration,
     budget: udp::FlowBudget,
 ) -> Result<(), LaunchError> {
@@ -312,16 +458,15 @@ fn start_udp_relay(
         .name("lowport-udp".into())
         .spawn(move || {
             runtime.block_on(async move {
-                for (socket, target) in sockets {
+                for (socket, target, control) in sockets {
                     match tokio::net::UdpSocket::from_std(socket) {
                         Ok(socket) => {
-                            tokio::spawn(udp::serve(
-                                socket,
-                                target,
-                                idle,
-                                budget.clone(),
-                                std::future::pending(),
-                            ));
+                            let (shutdown, done) = control.split();
+                            let budget = budget.clone();
+                            tokio::spawn(async move {
+                                udp::serve(socket, target, idle, budget, shutdown).await;
+                                drop(done);
+                            });
                         }
                         Err(err) => warn!(
                             ?err,
@@ -516,10 +661,7 @@ fn refuse_privileged_activation(
     specs: &[PublishSpec],
     proc_sys: &std::path::Path,
 ) -> Result<(), LaunchError> {
-    let start: u16 = std::fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024);
+    let start = host_port_start(proc_sys);
     match specs
         .iter()
         .find(|s| s.host_port != 0 && s.host_port < start)
@@ -530,6 +672,21 @@ fn refuse_privileged_activation(
         ))),
         None => Ok(()),
     }
+}
+
+/// The host's `net.ipv4.ip_unprivileged_port_start`: ports below it need privilege to bind.
+fn host_port_start(proc_sys: &std::path::Path) -> u16 {
+    std::fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Kills the command's process tree (through its pid-1 helper) and reaps it, after a failure that
+/// came once it had started.
+fn stop_command(started: &Started) {
+    let _ = nix::sys::signal::kill(started.init, Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(started.init, None);
 }
 
 fn read_one(fd: &SignalFd) -> io::Result<nix::sys::signalfd::siginfo> {
@@ -595,17 +752,20 @@ struct ReadyPort {
     host_ip: String,
     host_port: u16,
     port: u16,
+    /// `handoff` (the server gets the host socket when it binds the port), `relay`, or `activation`.
+    mode: &'static str,
 }
 
 /// Writes the one JSON line of `--ready-fd` and closes the descriptor, so a reader sees end-of-file.
-fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr)]) {
+fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr, &'static str)]) {
     let ports = bound
         .iter()
-        .map(|(spec, addr)| ReadyPort {
+        .map(|(spec, addr, mode)| ReadyPort {
             protocol: spec.protocol.to_string(),
             host_ip: addr.ip().to_string(),
             host_port: addr.port(),
             port: spec.port,
+            mode,
         })
         .collect();
     let mut line = serde_json::to_string(&Ready { pid, ports }).unwrap_or_default();
@@ -641,6 +801,7 @@ mod tests {
             half_closed_timeout: std::time::Duration::from_secs(10),
             preserve_source: true,
             socket_activation: false,
+            forward: handoff::Mode::Auto,
             udp_timeout: std::time::Duration::from_secs(60),
             command: vec!["true".into()],
         }

@@ -13,6 +13,7 @@
 //! - [`netns`]: inside the new network namespace, brings `lo` up and sets `ip_unprivileged_port_start`.
 //! - [`init`]: starts a pid-1 helper in a new pid namespace and the command under it; the helper
 //!   forwards signals, reaps, and dies with the launcher, taking every process of the command along.
+//! - [`handoff`]: answers the server's bind of a published port with the host socket itself.
 //! - [`forward`]: relays each host connection to the port inside with splice(2), on a tokio runtime
 //!   that starts only after the namespaces exist.
 //! - [`udp`]: the UDP relay, one inner socket per client flow, bounded; [`sockdiag`] tells it which
@@ -22,6 +23,7 @@
 
 pub mod capabilities;
 pub mod forward;
+pub mod handoff;
 pub mod host;
 pub mod init;
 pub mod launch;

@@ -83,6 +83,16 @@ struct RunArgs {
     #[arg(long)]
     no_preserve_source: bool,
 
+    /// How published ports reach COMMAND. `handoff`: when COMMAND binds a published port (on 0.0.0.0 or
+    /// [::]), lowport answers the bind with the host socket itself, so the server accepts host clients
+    /// directly, at native speed and with their real addresses, and lowport relays nothing (its
+    /// getsockname() then shows the host address and port). `relay`: lowport accepts on the host and
+    /// relays each connection to PORT inside. `auto` hands off where this kernel (5.9 or later) and the
+    /// port allow it and relays otherwise: host ports that needed privilege, binds lowport cannot see
+    /// (32-bit programs, io_uring), a COMMAND already under a seccomp listener
+    #[arg(long, value_enum, default_value_t = lowport::handoff::Mode::Auto, value_name = "MODE")]
+    forward: lowport::handoff::Mode,
+
     /// Hand the host sockets to COMMAND with systemd's socket-activation protocol (fds from 3,
     /// LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES such as tcp-80) and relay nothing: the server accepts host
     /// connections itself, at native speed and with real client addresses
@@ -115,6 +125,7 @@ fn main() -> ExitCode {
         half_closed_timeout: args.half_closed_timeout,
         preserve_source: !args.no_preserve_source,
         socket_activation: args.socket_activation,
+        forward: args.forward,
         udp_timeout: args.udp_timeout,
         command: args.command,
     };

@@ -205,84 +205,6 @@ pub unsafe fn own_raw(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Installs a seccomp filter on the calling thread (and what it execs) that fails the `ioctl`s
-/// `TIOCSTI` and `TIOCLINUX` with EPERM: they push keystrokes into a terminal, which the command could
-/// use on the terminal it shares with the user's shell (bubblewrap's CVE-2017-5226). Every other
-/// system call passes untouched; the program is thirteen BPF instructions.
-///
-/// Both ABIs a process may call the kernel with are checked: x86_64 (and x32) with i386, or aarch64
-/// with 32-bit arm.
-///
-/// The caller needs CAP_SYS_ADMIN in its user namespace (the command's side of the fork has it) or
-/// `no_new_privs`.
-pub fn deny_terminal_injection() -> io::Result<()> {
-    use libc::{sock_filter, sock_fprog};
-    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    const TIOCLINUX: u32 = 0x541C;
-    // struct seccomp_data: nr at 0, arch at 4, args[] (u64 each) from 16; the low half of args[1].
-    const ARG1_LOW: u32 = if cfg!(target_endian = "little") {
-        24
-    } else {
-        28
-    };
-    // (AUDIT_ARCH of the native ABI, its ioctl numbers; AUDIT_ARCH of the compat ABI, its ioctl)
-    #[cfg(target_arch = "x86_64")]
-    const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_003E, [16, 0x4000_0000 | 514], 0x4000_0003, 54);
-    #[cfg(target_arch = "aarch64")]
-    const ABIS: (u32, [u32; 2], u32, u32) = (0xC000_00B7, [29, 29], 0x4000_0028, 54);
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    compile_error!("deny_terminal_injection knows the system call ABIs of x86_64 and aarch64 only; add this architecture's AUDIT_ARCH values and ioctl numbers");
-    let (native, [ioctl_a, ioctl_b], compat, compat_ioctl) = ABIS;
-    let stmt = |code, k| sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k, jt, jf| sock_filter {
-        code: JEQ_K,
-        jt,
-        jf,
-        k,
-    };
-    // Jump offsets count from the next instruction.
-    let mut program = [
-        stmt(LD_W_ABS, 4),                                         // 0: A = arch
-        jeq(native, 1, 0),                                         // 1: native: 3
-        jeq(compat, 3, 8),                                         // 2: compat: 6, other: allow
-        stmt(LD_W_ABS, 0),                                         // 3: A = nr
-        jeq(ioctl_a, 3, 0),                                        // 4: ioctl: 8
-        jeq(ioctl_b, 2, 5),                   // 5: ioctl (x32): 8, other: allow
-        stmt(LD_W_ABS, 0),                    // 6: A = nr
-        jeq(compat_ioctl, 0, 3),              // 7: ioctl: 8, other: allow
-        stmt(LD_W_ABS, ARG1_LOW),             // 8: A = request
-        jeq(libc::TIOCSTI as u32, 2, 0),      // 9: deny
-        jeq(TIOCLINUX, 1, 0),                 // 10: deny
-        stmt(RET_K, libc::SECCOMP_RET_ALLOW), // 11
-        stmt(RET_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32), // 12
-    ];
-    let fprog = sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: `fprog` points at a valid BPF program that outlives the call; the kernel copies it.
-    let ret = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-            &fprog as *const sock_fprog as libc::c_ulong,
-            0,
-            0,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A pidfd for `pid`, a process of the caller's pid namespace (pidfd_open(2), Linux 5.3).
 pub fn pidfd_open(pid: nix::unistd::Pid) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is passed.
@@ -317,4 +239,467 @@ pub fn register_signalfd(
     // always returns the same number from as_raw_fd.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// The seccomp filter every command runs under (see [`install_command_filter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterKind {
+    /// Deny TIOCSTI and TIOCLINUX only.
+    Terminal,
+    /// Also stop native `bind()` calls on an address of 16 to 128 bytes (every IPv4 and IPv6 bind,
+    /// and some UNIX ones) until the listener answers them.
+    TerminalAndBind,
+}
+
+/// The system call ABIs the filter knows: (AUDIT_ARCH of the native ABI, its two ioctl numbers (the
+/// second for x32), its bind number; AUDIT_ARCH of the compat ABI, its ioctl number).
+#[cfg(target_arch = "x86_64")]
+const ABIS: (u32, [u32; 2], u32, u32, u32) = (
+    0xC000_003E,
+    [16, 0x4000_0000 | 514],
+    libc::SYS_bind as u32,
+    0x4000_0003,
+    54,
+);
+#[cfg(target_arch = "aarch64")]
+const ABIS: (u32, [u32; 2], u32, u32, u32) = (
+    0xC000_00B7,
+    [29, 29],
+    libc::SYS_bind as u32,
+    0x4000_0028,
+    54,
+);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("the command's seccomp filter knows the system call ABIs of x86_64 and aarch64 only; add this architecture's AUDIT_ARCH values and ioctl and bind numbers");
+
+/// The AUDIT_ARCH value and `bind` number of the ABI whose binds the filter reports.
+pub const NATIVE_BIND: (u32, i32) = (ABIS.0, ABIS.2 as i32);
+
+/// The BPF program of [`install_command_filter`].
+fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const TIOCLINUX: u32 = 0x541C;
+    // struct seccomp_data: nr at 0, arch at 4, args[] (u64 each) from 16; the low half of an argument.
+    const fn arg_low(n: u32) -> u32 {
+        16 + 8 * n + if cfg!(target_endian = "little") { 0 } else { 4 }
+    }
+    let (native, [ioctl_a, ioctl_b], bind, compat, compat_ioctl) = ABIS;
+    // Labels, resolved into jump offsets below.
+    const NATIVE: usize = 100;
+    const COMPAT: usize = 101;
+    const IOCTL: usize = 102;
+    const BIND: usize = 103;
+    const ALLOW: usize = 104;
+    const DENY: usize = 105;
+    const NOTIFY: usize = 106;
+    enum Op {
+        Label(usize),
+        Ld(u32),
+        Jump(u16, u32, usize, usize),
+        Ret(u32),
+    }
+    const NEXT: usize = usize::MAX;
+    let bind_ops = kind == FilterKind::TerminalAndBind;
+    let mut ops = vec![
+        Op::Ld(4),
+        Op::Jump(JEQ_K, native, NATIVE, NEXT),
+        Op::Jump(JEQ_K, compat, COMPAT, ALLOW),
+        Op::Label(NATIVE),
+        Op::Ld(0),
+        Op::Jump(JEQ_K, ioctl_a, IOCTL, NEXT),
+        Op::Jump(JEQ_K, ioctl_b, IOCTL, if bind_ops { NEXT } else { ALLOW }),
+    ];
+    if bind_ops {
+        ops.push(Op::Jump(JEQ_K, bind, BIND, ALLOW));
+    }
+    ops.extend([
+        Op::Label(COMPAT),
+        Op::Ld(0),
+        Op::Jump(JEQ_K, compat_ioctl, IOCTL, ALLOW),
+        Op::Label(IOCTL),
+        Op::Ld(arg_low(1)),
+        Op::Jump(JEQ_K, libc::TIOCSTI as u32, DENY, NEXT),
+        Op::Jump(JEQ_K, TIOCLINUX, DENY, ALLOW),
+    ]);
+    if bind_ops {
+        // addrlen: sockaddr_in is 16 bytes, sockaddr_in6 28, sockaddr_storage 128.
+        ops.extend([
+            Op::Label(BIND),
+            Op::Ld(arg_low(2)),
+            Op::Jump(JGE_K, 16, NEXT, ALLOW),
+            Op::Jump(JGT_K, 128, ALLOW, NOTIFY),
+            Op::Label(NOTIFY),
+            Op::Ret(libc::SECCOMP_RET_USER_NOTIF),
+        ]);
+    }
+    ops.extend([
+        Op::Label(ALLOW),
+        Op::Ret(libc::SECCOMP_RET_ALLOW),
+        Op::Label(DENY),
+        Op::Ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+    ]);
+    // Instruction index of each label.
+    let mut at = std::collections::HashMap::new();
+    let mut index = 0;
+    for op in &ops {
+        match op {
+            Op::Label(l) => {
+                at.insert(*l, index);
+            }
+            _ => index += 1,
+        }
+    }
+    let mut program = Vec::with_capacity(index);
+    for op in &ops {
+        let here = program.len();
+        // Jump offsets count from the next instruction.
+        let offset = |label: usize| -> u8 {
+            if label == NEXT {
+                0
+            } else {
+                (at[&label] - here - 1) as u8
+            }
+        };
+        program.push(match *op {
+            Op::Label(_) => continue,
+            Op::Ld(k) => libc::sock_filter {
+                code: LD_W_ABS,
+                jt: 0,
+                jf: 0,
+                k,
+            },
+            Op::Jump(code, k, jt, jf) => libc::sock_filter {
+                code,
+                jt: offset(jt),
+                jf: offset(jf),
+                k,
+            },
+            Op::Ret(k) => libc::sock_filter {
+                code: RET_K,
+                jt: 0,
+                jf: 0,
+                k,
+            },
+        });
+    }
+    program
+}
+
+/// Installs the command's seccomp filter on the calling thread (and what it execs).
+///
+/// Every filter fails the `ioctl`s `TIOCSTI` and `TIOCLINUX` with EPERM: they push keystrokes into a
+/// terminal, which the command could use on the terminal it shares with the user's shell (bubblewrap's
+/// CVE-2017-5226). Both ABIs a process may call the kernel with are checked: x86_64 (and x32) with
+/// i386, or aarch64 with 32-bit arm.
+///
+/// [`FilterKind::TerminalAndBind`] also makes every native `bind()` with an address length from 16
+/// to 128 wait for an answer from a user-notification listener, which this returns (Linux 5.0; with
+/// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` where the kernel has it, 5.19, so that once lowport has
+/// read a notification only a fatal signal interrupts the call). It fails with EBUSY when a filter
+/// the process already runs under has a listener (one per chain), and EINVAL on kernels without
+/// listeners; the caller then installs [`FilterKind::Terminal`] alone. Compat-ABI binds (i386 or
+/// 32-bit arm programs) and x32 binds are not reported.
+///
+/// The caller needs CAP_SYS_ADMIN in its user namespace (the command's side of the fork has it) or
+/// `no_new_privs`.
+pub fn install_command_filter(kind: FilterKind) -> io::Result<Option<OwnedFd>> {
+    let mut program = command_filter(kind);
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    let install = |flags: libc::c_ulong| -> io::Result<libc::c_long> {
+        // SAFETY: `fprog` points at a valid BPF program that outlives the call; the kernel copies it.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &fprog as *const libc::sock_fprog,
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    };
+    match kind {
+        FilterKind::Terminal => install(0).map(|_| None),
+        FilterKind::TerminalAndBind => {
+            let listener = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+            let fd = match install(listener | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => install(listener)?,
+                other => other?,
+            };
+            // SAFETY: with NEW_LISTENER the kernel returned a new descriptor that nothing else owns.
+            Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+        }
+    }
+}
+
+/// One system call that a seccomp filter stopped, as `SECCOMP_IOCTL_NOTIF_RECV` reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Notification {
+    pub id: u64,
+    /// The calling thread's id, in the caller's pid namespace.
+    pub tid: u32,
+    pub nr: i32,
+    pub arch: u32,
+    pub args: [u64; 6],
+}
+
+/// Waits for the next notification on a seccomp listener.
+pub fn notif_recv(listener: std::os::fd::BorrowedFd) -> io::Result<Notification> {
+    // SAFETY: seccomp_notif is plain old data; the kernel wants it zeroed.
+    let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl fills `notif`, a valid seccomp_notif that outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_RECV as _,
+            &mut notif,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Notification {
+        id: notif.id,
+        tid: notif.pid,
+        nr: notif.data.nr,
+        arch: notif.data.arch,
+        args: notif.data.args,
+    })
+}
+
+/// Whether the notification `id` still waits for an answer (its thread has not been interrupted or
+/// killed). Checked after reading the caller's memory, so that what was read belongs to that call.
+pub fn notif_id_valid(listener: std::os::fd::BorrowedFd, id: u64) -> bool {
+    // SAFETY: the ioctl reads `id`, a u64 that outlives the call.
+    unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &id,
+        ) == 0
+    }
+}
+
+/// Answers a notification: `None` lets the system call run as if no filter had stopped it; `Some(0)`
+/// makes it return 0; `Some(errno)` makes it fail with that errno.
+pub fn notif_answer(
+    listener: std::os::fd::BorrowedFd,
+    id: u64,
+    answer: Option<i32>,
+) -> io::Result<()> {
+    let resp = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: answer.map_or(0, |errno| -errno),
+        flags: if answer.is_none() {
+            libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32
+        } else {
+            0
+        },
+    };
+    // SAFETY: the ioctl reads `resp`, a valid seccomp_notif_resp that outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &resp,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts a copy of `src` at descriptor number `target` of the notifying process, replacing what was
+/// there (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`, Linux 5.9).
+pub fn notif_replace_fd(
+    listener: std::os::fd::BorrowedFd,
+    id: u64,
+    src: std::os::fd::BorrowedFd,
+    target: RawFd,
+    cloexec: bool,
+) -> io::Result<()> {
+    let addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: src.as_raw_fd() as u32,
+        newfd: target as u32,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: the ioctl reads `addfd`, a valid seccomp_notif_addfd that outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ADDFD as _,
+            &addfd,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pidfd for thread `tid` (`PIDFD_THREAD`, Linux 6.9) or, where that flag is unknown, for its
+/// process `tgid`.
+pub fn pidfd_open_thread(tid: i32, tgid: impl FnOnce() -> Option<i32>) -> io::Result<OwnedFd> {
+    let open = |pid: i32, flags: libc::c_uint| -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    };
+    const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+    match open(tid, PIDFD_THREAD) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(tgid().ok_or(e)?, 0),
+        other => other,
+    }
+}
+
+/// A copy of descriptor `fd` of the process behind `pidfd` (pidfd_getfd(2), Linux 5.6). Needs ptrace
+/// access to that process.
+pub fn pidfd_getfd(pidfd: std::os::fd::BorrowedFd, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes two descriptor numbers and flags, and returns a new descriptor or -1.
+    let new = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, with close-on-exec set, that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new as RawFd) })
+}
+
+/// Reads `buf.len()` bytes at address `addr` of process (or thread) `pid` (process_vm_readv(2)).
+/// Needs ptrace access to it; returns how many bytes were read.
+pub fn read_process_memory(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, valid for writes for the whole call; the remote address is
+    // only a number to this process, checked by the kernel against the other process's memory.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// An integer socket option (getsockopt(2)).
+pub fn get_int_option(
+    fd: std::os::fd::BorrowedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes for the whole call, and `len` says the size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets an integer socket option (setsockopt(2)).
+pub fn set_int_option(
+    fd: std::os::fd::BorrowedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is valid for reads for the whole call, and the length says its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `data` with a copy of `fd`, if any, over a UNIX socket (SCM_RIGHTS).
+pub fn send_with_fd(
+    sock: std::os::fd::BorrowedFd,
+    data: &[u8],
+    fd: Option<std::os::fd::BorrowedFd>,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [io::IoSlice::new(data)];
+    let fds = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Receives what [`send_with_fd`] sent: up to `buf.len()` bytes and the descriptor, if one came
+/// (close-on-exec). `flags` as for recvmsg(2), such as MSG_DONTWAIT.
+pub fn recv_with_fd(
+    sock: std::os::fd::BorrowedFd,
+    buf: &mut [u8],
+    flags: nix::sys::socket::MsgFlags,
+) -> io::Result<(usize, Option<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for raw in fds {
+                // SAFETY: the kernel installed each received descriptor as new, owned by no one else;
+                // wrapping every one makes sure none leaks.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    Ok((msg.bytes, fd))
+}
+
+/// A new socket (socket(2)) of the caller's network namespace, close-on-exec.
+pub fn socket(domain: i32, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes three integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

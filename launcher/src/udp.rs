@@ -124,13 +124,33 @@ pub async fn serve(
     budget: FlowBudget,
     shutdown: impl Future<Output = ()>,
 ) {
+    let relay = Arc::new(Relay {
+        host: Arc::new(host),
+        target,
+        idle,
+        budget,
+        flows: Arc::default(),
+    });
     tokio::select! {
-        result = relay(Arc::new(host), target, idle, budget) => {
+        result = self::relay(relay.clone()) => {
             if let Err(err) = result {
                 warn!(?err, "the UDP host socket failed; no more datagrams are forwarded on it");
             }
         }
-        () = shutdown => {}
+        () = shutdown => {
+            // The socket is being handed to the server: end every flow, so that nothing of lowport's
+            // holds it once the server has it.
+            let flows: Vec<AbortHandle> = relay
+                .flows
+                .lock()
+                .expect("flow table")
+                .values()
+                .map(|f| f.replies.clone())
+                .collect();
+            for flow in flows {
+                flow.abort();
+            }
+        }
     }
 }
 
@@ -149,19 +169,7 @@ impl Relay {
     }
 }
 
-async fn relay(
-    host: Arc<UdpSocket>,
-    target: Target,
-    idle: Duration,
-    budget: FlowBudget,
-) -> io::Result<()> {
-    let relay = Arc::new(Relay {
-        host,
-        target,
-        idle,
-        budget,
-        flows: Arc::default(),
-    });
+async fn relay(relay: Arc<Relay>) -> io::Result<()> {
     {
         let mut relays = relay.budget.0.relays.lock().expect("relay list");
         relays.retain(|r| r.strong_count() > 0);

@@ -1,0 +1,829 @@
+//! Socket handoff: the server accepts on the host socket itself.
+//!
+//! The command runs under a seccomp filter that stops its `bind()` calls on IPv4 and IPv6 addresses
+//! and reports them to a listener that lowport holds (`sys::install_command_filter`). For each one,
+//! a thread of lowport's reads the address the server asked for and the state of its socket. A bind
+//! of a published port's wildcard address, from a process of lowport's own network namespace, is
+//! answered by lowport: it puts a socket of the host's network namespace, bound to the published host
+//! address and port, in place of the server's descriptor (`SECCOMP_IOCTL_NOTIF_ADDFD` with
+//! `SECCOMP_ADDFD_FLAG_SETFD`), and makes the bind return 0. Every other bind runs as if no filter
+//! had stopped it. The server then listens and accepts on the host socket: no relay, and every
+//! client with its own address.
+//!
+//! Which host socket: the one lowport bound at start, whose relay stops first, when it is what the
+//! server asked for (same family; IPv6-only for an IPv6-only server; no SO_REUSEPORT). Connections
+//! waiting in its queue are then the server's. Otherwise (a dual-stack `[::]` socket in place of the
+//! `0.0.0.0` and `[::]` pair, an SO_REUSEPORT group, a server that binds again) a fresh host socket
+//! with the server's options, made by the [`Factory`], a process left in the host's network
+//! namespace: lowport's own threads live in the server's namespace, where sockets belong to it.
+//! Once a socket is handed over lowport keeps no copy, so when the server closes it, it is gone, and no
+//! client waits on a socket nobody accepts on.
+//!
+//! Inspecting the server's process (its memory for the address, `pidfd_getfd` for its socket) needs
+//! ptrace access, which the command's uid 0 would not grant to a process without capabilities: the
+//! handoff thread alone keeps CAP_SYS_PTRACE, in the namespace lowport made and nowhere else.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use tracing::{debug, warn};
+
+use crate::publish::{Protocol, PublishSpec};
+use crate::sys;
+
+/// How published ports reach the server, `--forward`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Hand off where the kernel and the port allow it, relay otherwise.
+    Auto,
+    /// Hand off every published port, or fail.
+    Handoff,
+    /// Relay every connection (the server never holds a host socket).
+    Relay,
+}
+
+/// The first kernel whose seccomp listener can replace a descriptor (`SECCOMP_ADDFD_FLAG_SETFD`).
+pub const KERNEL_NEEDED: (u32, u32) = (5, 9);
+
+/// Why handoff cannot be used on this machine, or `None` when it can.
+pub fn kernel_refusal() -> Option<String> {
+    let release = nix::sys::utsname::uname()
+        .ok()?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()?, parts.next()?);
+    (version < KERNEL_NEEDED).then(|| {
+        format!(
+            "Linux {release} cannot replace a server's descriptor from a seccomp listener (that needs {}.{})",
+            KERNEL_NEEDED.0, KERNEL_NEEDED.1
+        )
+    })
+}
+
+/// Stops a relay and waits until it has let go of its host socket.
+#[derive(Debug)]
+pub struct RelayStop {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl RelayStop {
+    fn stop_and_wait(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            if stop.send(()).is_ok() {
+                // Disconnected once the relay task has dropped its socket.
+                let _ = self.done.recv();
+            }
+        }
+    }
+}
+
+/// The relay's side of a [`RelayStop`].
+#[derive(Debug)]
+pub struct RelayControl {
+    stop: tokio::sync::oneshot::Receiver<()>,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl RelayControl {
+    /// Splits into the relay's shutdown future (which resolves only when stopped on purpose, never
+    /// because the other side was dropped) and the token to drop once the socket is let go of.
+    pub fn split(
+        self,
+    ) -> (
+        impl std::future::Future<Output = ()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let stop = self.stop;
+        let shutdown = async move {
+            if stop.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        (shutdown, self.done)
+    }
+}
+
+/// A pair to stop one relay with.
+pub fn relay_control() -> (RelayStop, RelayControl) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    (
+        RelayStop {
+            stop: Some(stop_tx),
+            done: done_rx,
+        },
+        RelayControl {
+            stop: stop_rx,
+            done: done_tx,
+        },
+    )
+}
+
+/// One published host socket, as the handoff thread sees it.
+#[derive(Debug)]
+pub struct Port {
+    pub spec: PublishSpec,
+    /// The host address and port as bound.
+    pub addr: SocketAddr,
+    /// False for a host port that needed privilege (below the host's `ip_unprivileged_port_start`):
+    /// such a socket is relayed, never handed over (see `launch::refuse_privileged_activation`).
+    pub eligible: bool,
+    /// lowport's copy of the host socket, and its relay, until the socket is handed over or released.
+    reserved: Option<OwnedFd>,
+    relay: RelayStop,
+}
+
+impl Port {
+    pub fn new(
+        spec: PublishSpec,
+        addr: SocketAddr,
+        eligible: bool,
+        copy: OwnedFd,
+        relay: RelayStop,
+    ) -> Port {
+        Port {
+            spec,
+            addr,
+            eligible,
+            reserved: Some(copy),
+            relay,
+        }
+    }
+
+    /// Stops the relay and gives up lowport's copy: the port is free for a fresh socket.
+    fn release(&mut self) -> Option<OwnedFd> {
+        self.relay.stop_and_wait();
+        self.reserved.take()
+    }
+}
+
+/// A process left in the host's network namespace that makes sockets there on request.
+#[derive(Debug)]
+pub struct Factory {
+    sock: OwnedFd,
+}
+
+impl Factory {
+    /// Forks the factory. Call before leaving the host's network namespace, single-threaded;
+    /// `close` lists lowport's descriptors that the factory must not keep.
+    pub fn spawn(close: &[RawFd]) -> io::Result<Factory> {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?;
+        match sys::fork()? {
+            nix::unistd::ForkResult::Child => {
+                drop(ours);
+                for fd in close {
+                    // SAFETY: the factory never returns to the launcher's code that owns these; it
+                    // ends with exit_now.
+                    unsafe { sys::close_raw(*fd) };
+                }
+                sys::exit_now(factory_main(&theirs))
+            }
+            nix::unistd::ForkResult::Parent { .. } => Ok(Factory { sock: ours }),
+        }
+    }
+
+    /// The factory's socket, which the other processes lowport forks must close.
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// A new socket of the host's network namespace (close-on-exec, blocking, unbound).
+    fn socket(&self, domain: i32, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
+        let mut request = [0u8; 12];
+        request[..4].copy_from_slice(&domain.to_ne_bytes());
+        request[4..8].copy_from_slice(&kind.to_ne_bytes());
+        request[8..].copy_from_slice(&protocol.to_ne_bytes());
+        sys::send_with_fd(self.sock.as_fd(), &request, None)?;
+        let mut answer = [0u8; 4];
+        match sys::recv_with_fd(
+            self.sock.as_fd(),
+            &mut answer,
+            nix::sys::socket::MsgFlags::empty(),
+        )? {
+            (4, Some(fd)) => Ok(fd),
+            (4, None) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(answer))),
+            _ => Err(io::Error::other("the host socket factory has stopped")),
+        }
+    }
+}
+
+/// The factory's loop: a socket for each request, until lowport closes its end or dies.
+fn factory_main(sock: &OwnedFd) -> i32 {
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+        return 125;
+    }
+    loop {
+        let mut request = [0u8; 12];
+        match sys::recv_with_fd(
+            sock.as_fd(),
+            &mut request,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok((12, _)) => {}
+            Ok(_) => return 0,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(_) => return 0,
+        }
+        let field = |i: usize| i32::from_ne_bytes(request[i..i + 4].try_into().expect("4 bytes"));
+        let (domain, kind, protocol) = (field(0), field(4), field(8));
+        // Only the families and types the handoff uses.
+        let made = if matches!(domain, libc::AF_INET | libc::AF_INET6)
+            && matches!(kind, libc::SOCK_STREAM | libc::SOCK_DGRAM)
+        {
+            sys::socket(domain, kind, protocol)
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let sent = match &made {
+            Ok(fd) => sys::send_with_fd(sock.as_fd(), &0i32.to_ne_bytes(), Some(fd.as_fd())),
+            Err(e) => sys::send_with_fd(
+                sock.as_fd(),
+                &e.raw_os_error().unwrap_or(libc::EINVAL).to_ne_bytes(),
+                None,
+            ),
+        };
+        if sent.is_err() {
+            return 0;
+        }
+    }
+}
+
+/// What the server asked `bind` for, read from its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Asked {
+    fd: RawFd,
+    addr: SocketAddr,
+}
+
+/// Parses a `struct sockaddr_in` or `sockaddr_in6` of `len` bytes; `None` for anything else.
+fn parse_sockaddr(bytes: &[u8], len: usize) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(bytes.get(..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET if len >= 16 => {
+            let ip: [u8; 4] = bytes.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
+        }
+        libc::AF_INET6 if len >= 28 => {
+            let ip: [u8; 16] = bytes.get(8..24)?.try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port))
+        }
+        _ => None,
+    }
+}
+
+/// What the server's socket is, read from a copy of it.
+#[derive(Clone, Copy, Debug)]
+struct ServerSocket {
+    domain: i32,
+    kind: i32,
+    protocol: i32,
+    v6only: bool,
+    reuseaddr: bool,
+    reuseport: bool,
+    nonblocking: bool,
+    cloexec: bool,
+}
+
+/// Boolean options copied from the server's socket to the host socket, for each level.
+const COPIED: [(i32, i32); 6] = [
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_IP, libc::IP_PKTINFO),
+    (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+];
+
+/// The answer to one notification.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Let the bind run inside, as if no filter had stopped it.
+    Continue,
+    /// The bind returns 0 (the socket was handed over) or fails with this errno.
+    Return(i32),
+    /// The notification is gone (its thread was killed); answer nothing.
+    Gone,
+}
+
+/// The handoff thread's state.
+pub struct Handoff {
+    listener: OwnedFd,
+    ports: Vec<Port>,
+    factory: Factory,
+    /// The inode of lowport's network namespace: only binds made in it are answered.
+    netns: u64,
+    /// The last sockets handed over (their inodes), so that a bind restarted after an interrupted
+    /// answer is answered 0 again rather than handed a second socket.
+    handed: VecDeque<u64>,
+    warned: bool,
+}
+
+impl Handoff {
+    pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Factory) -> io::Result<Handoff> {
+        let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+        Ok(Handoff {
+            listener,
+            ports,
+            factory,
+            netns,
+            handed: VecDeque::new(),
+            warned: false,
+        })
+    }
+
+    /// Answers notifications until no process runs under the filter any more.
+    pub fn run(mut self) {
+        loop {
+            let mut fds = [nix::poll::PollFd::new(
+                self.listener.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(err) => {
+                    warn!(?err, "cannot wait for the server's binds; handoff stops");
+                    return;
+                }
+            }
+            let revents = fds[0].revents().unwrap_or(nix::poll::PollFlags::empty());
+            if !revents.contains(nix::poll::PollFlags::POLLIN) {
+                // POLLHUP: every process under the filter has exited.
+                return;
+            }
+            let notif = match sys::notif_recv(self.listener.as_fd()) {
+                Ok(n) => n,
+                // Interrupted, or the caller died between poll and receive.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => continue,
+                Err(err) => {
+                    warn!(?err, "cannot read the server's binds; handoff stops");
+                    return;
+                }
+            };
+            let answer = self.answer(&notif);
+            debug!(tid = notif.tid, ?answer, "bind answered");
+            let sent = match answer {
+                Answer::Gone => continue,
+                Answer::Continue => sys::notif_answer(self.listener.as_fd(), notif.id, None),
+                Answer::Return(errno) => {
+                    sys::notif_answer(self.listener.as_fd(), notif.id, Some(errno))
+                }
+            };
+            if let Err(err) = sent {
+                // ENOENT: the caller was killed meanwhile.
+                debug!(?err, "cannot answer a bind");
+            }
+        }
+    }
+
+    fn answer(&mut self, notif: &sys::Notification) -> Answer {
+        if (notif.arch, notif.nr) != sys::NATIVE_BIND {
+            return Answer::Continue;
+        }
+        let tid = notif.tid as i32;
+        let len = (notif.args[2] as u32) as usize;
+        let mut bytes = [0u8; 28];
+        let want = len.min(bytes.len());
+        let asked = match sys::read_process_memory(tid, notif.args[1], &mut bytes[..want]) {
+            Ok(n) => parse_sockaddr(&bytes[..n], len).map(|addr| Asked {
+                fd: notif.args[0] as i32,
+                addr,
+            }),
+            Err(err) => {
+                self.cannot_inspect(&err);
+                None
+            }
+        };
+        // What was read belongs to this call only if the call still waits.
+        if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
+            return Answer::Gone;
+        }
+        let Some(asked) = asked else {
+            return Answer::Continue;
+        };
+        if !asked.addr.ip().is_unspecified()
+            || !self.ports.iter().any(|p| p.spec.port == asked.addr.port())
+        {
+            return Answer::Continue;
+        }
+        // A process of a namespace of its own (a nested lowport, a container) binds there.
+        match std::fs::metadata(format!("/proc/{tid}/ns/net")) {
+            Ok(m) if m.ino() == self.netns => {}
+            _ => return Answer::Continue,
+        }
+        let socket = match self.server_socket(tid, asked.fd) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Answer::Continue,
+            Err(Early(answer)) => return answer,
+        };
+        self.hand_over(notif, tid, asked, socket)
+    }
+
+    /// Copies the server's socket and reads its state; `Ok(None)` when it is not one to hand off.
+    fn server_socket(
+        &mut self,
+        tid: i32,
+        fd: RawFd,
+    ) -> Result<Option<(OwnedFd, ServerSocket)>, Early> {
+        let tgid = || {
+            std::fs::read_to_string(format!("/proc/{tid}/status"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let copy =
+            sys::pidfd_open_thread(tid, tgid).and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd));
+        let copy = match copy {
+            Ok(c) => c,
+            // EBADF: not a descriptor; bind itself will say so.
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Ok(None),
+            Err(err) => {
+                self.cannot_inspect(&err);
+                return Ok(None);
+            }
+        };
+        let int = |level, name| sys::get_int_option(copy.as_fd(), level, name);
+        let (Ok(domain), Ok(kind), Ok(protocol)) = (
+            int(libc::SOL_SOCKET, libc::SO_DOMAIN),
+            int(libc::SOL_SOCKET, libc::SO_TYPE),
+            int(libc::SOL_SOCKET, libc::SO_PROTOCOL),
+        ) else {
+            // Not a socket (ENOTSOCK): bind fails inside as it should.
+            return Ok(None);
+        };
+        // Already bound: either by an answer of ours that the caller did not see (a signal restarted
+        // the call), or by the server itself (bind fails inside with EINVAL, as it should).
+        if let Ok(local) =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(copy.as_raw_fd())
+        {
+            let port = local
+                .as_sockaddr_in()
+                .map(|a| a.port())
+                .or_else(|| local.as_sockaddr_in6().map(|a| a.port()))
+                .unwrap_or(0);
+            if port != 0 {
+                let ino = inode(&copy);
+                return Err(Early(if ino.is_some_and(|i| self.handed.contains(&i)) {
+                    Answer::Return(0)
+                } else {
+                    Answer::Continue
+                }));
+            }
+        }
+        // A socket tied to an interface of the namespace has no equivalent on the host.
+        if nix::sys::socket::getsockopt(&copy, nix::sys::socket::sockopt::BindToDevice)
+            .is_ok_and(|dev| !dev.is_empty())
+        {
+            return Ok(None);
+        }
+        let flag = |level, name| int(level, name).is_ok_and(|v| v != 0);
+        let flags = nix::fcntl::fcntl(copy.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+        let state = ServerSocket {
+            domain,
+            kind,
+            protocol,
+            v6only: domain == libc::AF_INET6 && flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+            reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT),
+            nonblocking: flags & libc::O_NONBLOCK != 0,
+            cloexec: fd_cloexec(tid, fd),
+        };
+        Ok(Some((copy, state)))
+    }
+
+    fn hand_over(
+        &mut self,
+        notif: &sys::Notification,
+        tid: i32,
+        asked: Asked,
+        (server, state): (OwnedFd, ServerSocket),
+    ) -> Answer {
+        let protocol = match (state.kind, state.protocol) {
+            (libc::SOCK_STREAM, libc::IPPROTO_TCP | libc::IPPROTO_MPTCP) => Protocol::Tcp,
+            (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => Protocol::Udp,
+            _ => return Answer::Continue,
+        };
+        let family_matches = match asked.addr {
+            SocketAddr::V4(_) => state.domain == libc::AF_INET,
+            SocketAddr::V6(_) => state.domain == libc::AF_INET6,
+        };
+        if !family_matches {
+            return Answer::Continue;
+        }
+        let Some(targets) = targets(&self.ports, protocol, asked.addr, state.v6only) else {
+            return Answer::Continue;
+        };
+        if let Some(&i) = targets.iter().find(|&&i| !self.ports[i].eligible) {
+            debug!(port = %self.ports[i].addr, "host port needed privilege; it stays relayed");
+            return Answer::Continue;
+        }
+        // The host address the socket is bound to: the IPv6 one of a dual-stack pair.
+        let main = targets
+            .iter()
+            .copied()
+            .find(|&i| self.ports[i].addr.is_ipv6() == asked.addr.is_ipv6())
+            .expect("targets hold the asked family");
+        let host_addr = self.ports[main].addr;
+        let reuse_reserved = targets.len() == 1
+            && self.ports[main].reserved.is_some()
+            && !state.reuseport
+            && state.protocol != libc::IPPROTO_MPTCP;
+        let socket = if reuse_reserved {
+            match self.ports[main].release() {
+                Some(fd) => fd,
+                None => return Answer::Continue,
+            }
+        } else {
+            let fresh = match self
+                .factory
+                .socket(state.domain, state.kind, state.protocol)
+            {
+                Ok(fd) => fd,
+                Err(err) => {
+                    warn!(?err, "cannot make a host socket for the server's bind");
+                    return Answer::Return(err.raw_os_error().unwrap_or(libc::ENOMEM));
+                }
+            };
+            if let Err(err) = prepare(&fresh, &server, &state, true) {
+                return Answer::Return(err.raw_os_error().unwrap_or(libc::EINVAL));
+            }
+            for &i in &targets {
+                drop(self.ports[i].release());
+            }
+            if let Err(err) = nix::sys::socket::bind(
+                fresh.as_raw_fd(),
+                &nix::sys::socket::SockaddrStorage::from(host_addr),
+            ) {
+                debug!(%host_addr, ?err, "the fresh host socket cannot be bound");
+                return Answer::Return(err as i32);
+            }
+            fresh
+        };
+        if reuse_reserved {
+            if let Err(err) = prepare(&socket, &server, &state, false) {
+                debug!(?err, "cannot copy the server's socket options");
+            }
+        }
+        if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
+            // Killed meanwhile. A reserved socket is kept for the next bind, with no relay.
+            if reuse_reserved {
+                self.ports[main].reserved = Some(socket);
+            }
+            return Answer::Gone;
+        }
+        if let Some(ino) = inode(&socket) {
+            self.handed.push_back(ino);
+            if self.handed.len() > 64 {
+                self.handed.pop_front();
+            }
+        }
+        match sys::notif_replace_fd(
+            self.listener.as_fd(),
+            notif.id,
+            socket.as_fd(),
+            asked.fd,
+            state.cloexec,
+        ) {
+            Ok(()) => {
+                debug!(tid, server = %asked.addr, host = %host_addr, %protocol, "handed the host socket over");
+                Answer::Return(0)
+            }
+            Err(err) => {
+                debug!(?err, "cannot hand the host socket over");
+                if reuse_reserved {
+                    self.ports[main].reserved = Some(socket);
+                }
+                match err.raw_os_error() {
+                    Some(libc::ENOENT) => Answer::Gone,
+                    Some(errno) => Answer::Return(errno),
+                    None => Answer::Return(libc::EINVAL),
+                }
+            }
+        }
+    }
+
+    fn cannot_inspect(&mut self, err: &io::Error) {
+        if !self.warned {
+            self.warned = true;
+            warn!(
+                ?err,
+                "cannot inspect the server's bind (ptrace access refused?); its ports are relayed"
+            );
+        }
+    }
+}
+
+/// An early answer found while inspecting the server's socket.
+struct Early(Answer);
+
+/// The published host sockets a server's bind of `asked` takes over: one socket of the asked family,
+/// or for a dual-stack `[::]` bind the `[::]` and `0.0.0.0` pair of one `-p`. `None` when the bind is
+/// not one to hand off: no port of that family, or several (one server socket cannot take two host
+/// addresses; they stay relayed).
+fn targets(
+    ports: &[Port],
+    protocol: Protocol,
+    asked: SocketAddr,
+    v6only: bool,
+) -> Option<Vec<usize>> {
+    let matching = |v6: bool| -> Vec<usize> {
+        ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.spec.protocol == protocol && p.spec.port == asked.port() && p.addr.is_ipv6() == v6
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let own = matching(asked.is_ipv6());
+    if own.len() != 1 {
+        return None;
+    }
+    let mut targets = own;
+    let main = &ports[targets[0]];
+    if asked.is_ipv6() && !v6only && main.addr.ip().is_unspecified() {
+        let other = matching(false);
+        match other.as_slice() {
+            [] => {}
+            [i] if ports[*i].addr.ip().is_unspecified()
+                && ports[*i].addr.port() == main.addr.port() =>
+            {
+                targets.push(*i)
+            }
+            // An IPv4 host socket a dual-stack server socket cannot cover.
+            _ => return None,
+        }
+    }
+    Some(targets)
+}
+
+/// Gives `host` the server's options. A fresh socket gets those that matter before bind too
+/// (IPV6_V6ONLY, SO_REUSEADDR, SO_REUSEPORT).
+fn prepare(host: &OwnedFd, server: &OwnedFd, state: &ServerSocket, fresh: bool) -> io::Result<()> {
+    let fd = host.as_fd();
+    if fresh {
+        if state.domain == libc::AF_INET6 {
+            sys::set_int_option(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                state.v6only.into(),
+            )?;
+        }
+        sys::set_int_option(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            state.reuseport.into(),
+        )?;
+    }
+    sys::set_int_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        state.reuseaddr.into(),
+    )?;
+    for (level, name) in COPIED {
+        if (level == libc::IPPROTO_IPV6) != (state.domain == libc::AF_INET6)
+            && level != libc::SOL_SOCKET
+            && level != libc::IPPROTO_TCP
+        {
+            continue;
+        }
+        if let Ok(value) = sys::get_int_option(server.as_fd(), level, name) {
+            // Options that do not apply to this kind of socket fail on both; ignore them.
+            let _ = sys::set_int_option(fd, level, name, value);
+        }
+    }
+    let flags = nix::fcntl::fcntl(host.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+    let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+    flags.set(nix::fcntl::OFlag::O_NONBLOCK, state.nonblocking);
+    nix::fcntl::fcntl(host.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Whether descriptor `fd` of thread `tid` is close-on-exec: the `flags` line of its fdinfo, in octal.
+fn fd_cloexec(tid: i32, fd: RawFd) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
+}
+
+fn inode(fd: &OwnedFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|s| s.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(spec: &str, addr: &str) -> Port {
+        let (stop, _control) = relay_control();
+        Port {
+            spec: spec.parse().unwrap(),
+            addr: addr.parse().unwrap(),
+            eligible: true,
+            reserved: None,
+            relay: stop,
+        }
+    }
+
+    #[test]
+    fn sockaddrs_are_parsed_by_family_and_length() {
+        let mut v4 = [0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&80u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(
+            parse_sockaddr(&v4, 16),
+            Some("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(parse_sockaddr(&v4, 8), None);
+        let mut v6 = [0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&443u16.to_be_bytes());
+        assert_eq!(parse_sockaddr(&v6, 28), Some("[::]:443".parse().unwrap()));
+        assert_eq!(parse_sockaddr(&v6[..16], 16), None);
+        let mut unix = [0u8; 28];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        assert_eq!(parse_sockaddr(&unix, 28), None);
+    }
+
+    #[test]
+    fn a_bind_takes_the_host_sockets_of_its_family() {
+        let ports = [
+            port("8080:80", "0.0.0.0:8080"),
+            port("8080:80", "[::]:8080"),
+            port("5353:53/udp", "0.0.0.0:5353"),
+        ];
+        let tcp = Protocol::Tcp;
+        assert_eq!(
+            targets(&ports, tcp, "0.0.0.0:80".parse().unwrap(), false),
+            Some(vec![0])
+        );
+        assert_eq!(
+            targets(&ports, tcp, "[::]:80".parse().unwrap(), true),
+            Some(vec![1])
+        );
+        // Dual stack: the pair, replaced by one socket.
+        assert_eq!(
+            targets(&ports, tcp, "[::]:80".parse().unwrap(), false),
+            Some(vec![1, 0])
+        );
+        assert_eq!(
+            targets(&ports, tcp, "0.0.0.0:81".parse().unwrap(), false),
+            None
+        );
+        assert_eq!(
+            targets(&ports, Protocol::Udp, "0.0.0.0:53".parse().unwrap(), false),
+            Some(vec![2])
+        );
+        assert_eq!(
+            targets(&ports, Protocol::Udp, "[::]:53".parse().unwrap(), false),
+            None
+        );
+    }
+
+    #[test]
+    fn one_server_socket_never_takes_two_host_addresses() {
+        let ports = [
+            port("8080:80", "0.0.0.0:8080"),
+            port("127.0.0.1:9090:80", "127.0.0.1:9090"),
+            port("[::1]:8080:80", "[::1]:8080"),
+        ];
+        let tcp = Protocol::Tcp;
+        assert_eq!(
+            targets(&ports, tcp, "0.0.0.0:80".parse().unwrap(), false),
+            None
+        );
+        // [::1] alone: a dual-stack server socket gets it, and no IPv4 address.
+        assert_eq!(
+            targets(&ports, tcp, "[::]:80".parse().unwrap(), false),
+            Some(vec![2])
+        );
+    }
+}
