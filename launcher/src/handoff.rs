@@ -732,9 +732,7 @@ fn fd_cloexec(tid: i32, fd: RawFd) -> bool {
 }
 
 fn inode(fd: &OwnedFd) -> Option<u64> {
-    nix::sys::stat::fstat(fd.as_raw_fd())
-        .ok()
-        .map(|s| s.st_ino)
+    nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|s| s.st_ino)
 }
 
 #[cfg(test)]

@@ -100,7 +100,8 @@ fn fds_of(pid: u32, prefix: &str) -> usize {
 /// a second namespace of clients ($NS) joined to it by a veth pair:
 ///   host side   lp0  192.0.2.1/24  2001:db8::1/64
 ///   clients     lp1  192.0.2.5/24  2001:db8::5/64
-/// Functions: `launch ARGS...` starts `lowport run --ready-fd 3 ARGS...` as uid 65534 and waits for its
+/// Functions: `launch ARGS...` starts `lowport run --forward relay --ready-fd 3 ARGS...` (these tests
+/// check the relay's address rules) as uid 65534 and waits for its
 /// ready line ($READY); `port tcp|udp 0.0.0.0|::` reads a host port from it; `stop` ends every lowport
 /// started; `client CMD...` runs CMD among the clients; `peer` extracts peer_ip from JSON on stdin;
 /// `wait_http URL` waits until a server answers; `udp WHERE HOST PORT` sends one datagram (WHERE is
@@ -134,7 +135,7 @@ client() { ip netns exec "$NS" "$@"; }
 launch() {
     local ready i
     ready=$(mktemp)
-    setpriv --reuid=65534 --regid=65534 --clear-groups -- "$LOWPORT" run --ready-fd 3 "$@" 3>"$ready" 2>>"$LOG" &
+    setpriv --reuid=65534 --regid=65534 --clear-groups -- "$LOWPORT" run --forward relay --ready-fd 3 "$@" 3>"$ready" 2>>"$LOG" &
     started="$started $!"
     for i in $(seq 400); do [ -s "$ready" ] && break; sleep 0.05; done
     READY=$(cat "$ready")
@@ -449,6 +450,8 @@ fn udp_flow_limit_closes_the_least_recently_used_flow() {
         "--log-level",
         "warn",
         "run",
+        "--forward",
+        "relay",
         "--max-udp-flows",
         "8",
         "-p",
@@ -554,7 +557,14 @@ fn idle_connections_hold_no_pipe() {
     let mut cmd = lowport();
     run_args(
         &mut cmd,
-        &["-p", "127.0.0.1:0:80", "--max-connections", "300"],
+        &[
+            "-p",
+            "127.0.0.1:0:80",
+            "--forward",
+            "relay",
+            "--max-connections",
+            "300",
+        ],
     )
     .arg(demo_server_bin());
     let launch = Launch::start(cmd);

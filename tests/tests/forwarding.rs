@@ -89,7 +89,7 @@ fn udp_echo_from(source: &str, to: SocketAddr, len: usize) -> (serde_json::Value
 
 #[test]
 fn tcp_server_sees_each_clients_own_address_and_port() {
-    let launch = launch(&["0:80"], &[], &[]);
+    let launch = launch(&["0:80"], &["--forward", "relay"], &[]);
     wait_healthy(launch.addr());
     let (who, me) = whoami_from("127.0.0.9", launch.addr());
     assert_eq!(who["peer_ip"], "127.0.0.9", "{who}");
@@ -108,7 +108,11 @@ fn tcp_server_sees_each_clients_own_address_and_port() {
 
 #[test]
 fn no_preserve_source_shows_the_relay_instead() {
-    let launch = launch(&["127.0.0.1:0:80"], &["--no-preserve-source"], &[]);
+    let launch = launch(
+        &["127.0.0.1:0:80"],
+        &["--no-preserve-source", "--forward", "relay"],
+        &[],
+    );
     wait_healthy(launch.addr());
     let (who, me) = whoami_from("127.0.0.9", launch.addr());
     assert_eq!(who["peer_ip"], "127.0.0.1", "{who}");
@@ -138,7 +142,7 @@ fn udp_replies_go_back_to_each_client_with_its_address() {
 fn udp_without_preserved_source_still_answers_the_right_client() {
     let launch = launch(
         &["127.0.0.1:0:53/udp"],
-        &["--no-preserve-source"],
+        &["--no-preserve-source", "--forward", "relay"],
         &["--udp-echo", "53"],
     );
     let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));
@@ -285,7 +289,11 @@ fn tcp_and_udp_share_one_port_number() {
     });
     let tcp = format!("127.0.0.1:{port}:53/tcp");
     let udp = format!("127.0.0.1:{port}:53/udp");
-    let launch = launch(&[&tcp, &udp], &[], &["--port", "53", "--udp-echo", "53"]);
+    let launch = launch(
+        &[&tcp, &udp],
+        &["--forward", "relay"],
+        &["--port", "53", "--udp-echo", "53"],
+    );
     let to = SocketAddr::from(([127, 0, 0, 1], port));
     wait_healthy(to);
     assert_eq!(get_json(to, "/whoami")["local_addr"], "127.0.0.1:53");
@@ -298,7 +306,7 @@ fn tcp_and_udp_share_one_port_number() {
 fn idle_udp_flows_are_closed_after_the_timeout() {
     let launch = launch(
         &["127.0.0.1:0:53/udp"],
-        &["--udp-timeout", "300ms"],
+        &["--udp-timeout", "300ms", "--forward", "relay"],
         &["--udp-echo", "53"],
     );
     let to = SocketAddr::from(([127, 0, 0, 1], launch.host_port()));

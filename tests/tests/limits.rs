@@ -23,7 +23,10 @@ fn read_all(mut s: TcpStream) -> (u16, Vec<u8>) {
 
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    let launch = start_demo("127.0.0.1:0:80", &["--max-connections", "1"]);
+    let launch = start_demo(
+        "127.0.0.1:0:80",
+        &["--max-connections", "1", "--forward", "relay"],
+    );
     // One idle connection takes the only slot: lowport takes the slot before it connects inside, so
     // once it holds both sockets of this connection (the accepted one and the one to the server,
     // which has the client's port as its source) the slot is taken.
@@ -108,7 +111,7 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     if !require(prlimit.is_some(), "prlimit (util-linux)") {
         return;
     }
-    let mut launch = start_demo("127.0.0.1:0:80", &[]);
+    let mut launch = start_demo("127.0.0.1:0:80", &["--forward", "relay"]);
     let lowport = launch.child.id();
     let set_limit = |limit: &str| {
         // As lowport's own user: lowering a limit of a process of the same user needs no privilege.

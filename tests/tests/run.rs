@@ -35,6 +35,11 @@ fn whoami_inside_is_root_mapped_to_the_caller() {
             .any(|c| c == "cap_net_bind_service"),
         "root inside holds the namespace's capabilities: {who}"
     );
+    // With handoff (the default) demo-server accepts on the host socket itself, so its socket's
+    // address is the host's; relayed, it is the port inside.
+    assert_eq!(who["local_addr"], launch.addr().to_string(), "{who}");
+    let relayed = demo(&["--forward", "relay"]);
+    let who = get_json(relayed.addr(), "/whoami");
     assert_eq!(who["local_addr"], "127.0.0.1:80", "{who}");
 }
 
@@ -61,7 +66,61 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
     assert_eq!(exe, lowport_bin(), "the process checked is lowport itself");
     // The pid-1 helper that forwards signals keeps only CAP_KILL (bit 5), valid in the namespace it
     // serves, so signals reach a command that switched uid; only the command is root inside.
-    let helper = *descendants(pid).first().expect("the pid-1 helper");
+    // lowport's children: the pid-1 helper (pid 1 of its own pid namespace) and the host socket
+    // factory of the handoff, which holds no capability.
+    let children: Vec<u32> = descendants(pid)
+        .into_iter()
+        .filter(|c| proc_status_field(*c, "PPid").is_some_and(|p| p.trim() == pid.to_string()))
+        .collect();
+    let helper = *children
+        .iter()
+        .find(|c| {
+            proc_status_field(**c, "NSpid")
+                .is_some_and(|n| n.split_whitespace().last() == Some("1"))
+        })
+        .expect("the pid-1 helper");
+    for factory in children.iter().filter(|c| **c != helper) {
+        for set in ["CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(
+                proc_status_field(*factory, set).unwrap(),
+                "0000000000000000",
+                "{set} of the host socket factory"
+            );
+        }
+    }
+    // Of lowport's threads, only the handoff thread keeps a capability: CAP_SYS_PTRACE (bit 19), in
+    // lowport's own user namespace, to read the server's bind.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let want = if field("Name:") == "lowport-handoff" {
+            "0000000000080000"
+        } else {
+            "0000000000000000"
+        };
+        assert_eq!(
+            field("CapPrm:"),
+            want,
+            "CapPrm of thread {}",
+            field("Name:")
+        );
+        assert_eq!(
+            field("CapEff:"),
+            want,
+            "CapEff of thread {}",
+            field("Name:")
+        );
+    }
     assert_eq!(
         std::fs::read_link(format!("/proc/{helper}/exe")).unwrap(),
         lowport_bin()
@@ -220,7 +279,7 @@ fn ipv6_clients_reach_an_ipv4_only_server() {
         return;
     }
     let mut cmd = lowport();
-    run_args(&mut cmd, &["-p", "0:80"])
+    run_args(&mut cmd, &["-p", "0:80", "--forward", "relay"])
         .arg(demo_server_bin())
         .args(["--bind", "0.0.0.0"]);
     let launch = Launch::start(cmd);

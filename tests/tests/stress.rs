@@ -226,10 +226,12 @@ impl<'a> Checks<'a> {
     }
 }
 
-/// `lowport run LOWPORT_ARGS --ready-fd 3 -- demo-server SERVER_ARGS`, with its stderr collected.
+/// `lowport run --forward relay LOWPORT_ARGS --ready-fd 3 -- demo-server SERVER_ARGS`, with its
+/// stderr collected. These scenarios load the relay, so they ask for it: with handoff, the default,
+/// lowport would carry none of the load.
 fn launch_demo(lowport_args: &[&str], server_args: &[&str]) -> (Launch, StderrLog) {
     let mut cmd = lowport();
-    cmd.arg("run")
+    cmd.args(["run", "--forward", "relay"])
         .args(lowport_args)
         .args(["--ready-fd", "3", "--"])
         .arg(demo_server_bin())
