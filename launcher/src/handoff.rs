@@ -222,7 +222,10 @@ impl Factory {
 
 /// The factory's loop: a socket for each request, until lowport closes its end or dies.
 fn factory_main(sock: &OwnedFd) -> i32 {
-    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+    // Nothing of the user's may look into it (its descriptors, its socket to lowport).
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
+        || nix::sys::prctl::set_dumpable(false).is_err()
+    {
         return 125;
     }
     loop {
@@ -329,18 +332,26 @@ pub struct Handoff {
     /// The last sockets handed over (their inodes), so that a bind restarted after an interrupted
     /// answer is answered 0 again rather than handed a second socket.
     handed: VecDeque<u64>,
+    reader: Reader,
     warned: bool,
 }
 
 impl Handoff {
     pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Factory) -> io::Result<Handoff> {
         let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+        if let Err(err) = sys::notif_sync_wakeup(listener.as_fd()) {
+            debug!(
+                ?err,
+                "no synchronous wake-up for the seccomp listener (Linux 6.6)"
+            );
+        }
         Ok(Handoff {
             listener,
             ports,
             factory,
             netns,
             handed: VecDeque::new(),
+            reader: Reader::default(),
             warned: false,
         })
     }
@@ -398,13 +409,15 @@ impl Handoff {
         let len = (notif.args[2] as u32) as usize;
         let mut bytes = [0u8; 28];
         let want = len.min(bytes.len());
-        let asked = match sys::read_process_memory(tid, notif.args[1], &mut bytes[..want]) {
+        let asked = match self.reader.read(tid, notif.args[1], &mut bytes[..want]) {
             Ok(n) => parse_sockaddr(&bytes[..n], len).map(|addr| Asked {
                 fd: notif.args[0] as i32,
                 addr,
             }),
             Err(err) => {
-                self.cannot_inspect(&err);
+                if err.kind() != io::ErrorKind::TimedOut {
+                    self.cannot_inspect(&err);
+                }
                 None
             }
         };
@@ -561,6 +574,12 @@ impl Handoff {
                     return Answer::Return(err.raw_os_error().unwrap_or(libc::ENOMEM));
                 }
             };
+            // A dual-stack socket covers the IPv4 wildcard too: only when that was published.
+            let covers_ipv4 = targets.iter().any(|&i| self.ports[i].addr.is_ipv4());
+            let state = ServerSocket {
+                v6only: state.v6only || !covers_ipv4,
+                ..state
+            };
             if let Err(err) = prepare(&fresh, &server, &state, true) {
                 return Answer::Return(err.raw_os_error().unwrap_or(libc::EINVAL));
             }
@@ -572,6 +591,9 @@ impl Handoff {
                 &nix::sys::socket::SockaddrStorage::from(host_addr),
             ) {
                 debug!(%host_addr, ?err, "the fresh host socket cannot be bound");
+                for &i in &targets {
+                    self.reserve_again(i);
+                }
                 return Answer::Return(err as i32);
             }
             fresh
@@ -582,9 +604,10 @@ impl Handoff {
             }
         }
         if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
-            // Killed meanwhile. A reserved socket is kept for the next bind, with no relay.
-            if reuse_reserved {
-                self.ports[main].reserved = Some(socket);
+            // Killed meanwhile: the port stays reserved for the next bind, not listening.
+            drop(socket);
+            for &i in &targets {
+                self.reserve_again(i);
             }
             return Answer::Gone;
         }
@@ -607,8 +630,9 @@ impl Handoff {
             }
             Err(err) => {
                 debug!(?err, "cannot hand the host socket over");
-                if reuse_reserved {
-                    self.ports[main].reserved = Some(socket);
+                drop(socket);
+                for &i in &targets {
+                    self.reserve_again(i);
                 }
                 match err.raw_os_error() {
                     Some(libc::ENOENT) => Answer::Gone,
@@ -619,6 +643,44 @@ impl Handoff {
         }
     }
 
+    /// Binds a fresh socket to a released port's address again, not listening, so that no other
+    /// program takes the port: clients are refused until the server's next bind takes it. Used
+    /// when a handoff failed after its relay had stopped.
+    fn reserve_again(&mut self, i: usize) {
+        if self.ports[i].reserved.is_some() {
+            return;
+        }
+        let (addr, protocol) = (self.ports[i].addr, self.ports[i].spec.protocol);
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let kind = match protocol {
+            Protocol::Tcp => libc::SOCK_STREAM,
+            Protocol::Udp => libc::SOCK_DGRAM,
+        };
+        let bound = self.factory.socket(domain, kind, 0).and_then(|fd| {
+            if addr.is_ipv6() {
+                sys::set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            }
+            let storage = nix::sys::socket::SockaddrStorage::from(addr);
+            match nix::sys::socket::bind(fd.as_raw_fd(), &storage) {
+                // Connections of an earlier socket in TIME_WAIT hold the port against a plain bind.
+                Err(nix::errno::Errno::EADDRINUSE) if protocol == Protocol::Tcp => {
+                    sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+                    nix::sys::socket::bind(fd.as_raw_fd(), &storage)?;
+                }
+                other => other?,
+            }
+            Ok(fd)
+        });
+        match bound {
+            Ok(fd) => self.ports[i].reserved = Some(fd),
+            Err(err) => debug!(%addr, ?err, "cannot reserve the host port again"),
+        }
+    }
+
     fn cannot_inspect(&mut self, err: &io::Error) {
         if !self.warned {
             self.warned = true;
@@ -626,6 +688,75 @@ impl Handoff {
                 ?err,
                 "cannot inspect the server's bind (ptrace access refused?); its ports are relayed"
             );
+        }
+    }
+}
+
+/// Reads the server's memory on a thread of its own, with a deadline. A read can block for as long
+/// as the server wants (a page behind userfaultfd, or a FUSE file it serves), and must not stop the
+/// handoff thread: after [`READ_DEADLINE`] the bind is let through, and a fresh reader takes over.
+/// After [`MAX_STUCK_READERS`] stuck readers, no memory is read any more, and every bind is let
+/// through (the relay serves the ports).
+#[derive(Default)]
+struct Reader {
+    worker: Option<ReaderWorker>,
+    stuck: usize,
+}
+
+struct ReaderWorker {
+    requests: std::sync::mpsc::Sender<(i32, u64, usize)>,
+    answers: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+}
+
+const READ_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
+const MAX_STUCK_READERS: usize = 4;
+
+impl Reader {
+    fn read(&mut self, tid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stuck >= MAX_STUCK_READERS {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        if self.worker.is_none() {
+            let (requests, inbox) = std::sync::mpsc::channel::<(i32, u64, usize)>();
+            let (outbox, answers) = std::sync::mpsc::channel();
+            // The thread inherits the handoff thread's CAP_SYS_PTRACE.
+            std::thread::Builder::new()
+                .name("lowport-reader".into())
+                .spawn(move || {
+                    for (tid, addr, len) in inbox {
+                        let mut bytes = vec![0u8; len];
+                        let read = sys::read_process_memory(tid, addr, &mut bytes).map(|n| {
+                            bytes.truncate(n);
+                            bytes
+                        });
+                        if outbox.send(read).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+            self.worker = Some(ReaderWorker { requests, answers });
+        }
+        let worker = self.worker.as_ref().expect("started above");
+        worker
+            .requests
+            .send((tid, addr, buf.len()))
+            .map_err(|_| io::Error::other("the memory reader stopped"))?;
+        match worker.answers.recv_timeout(READ_DEADLINE) {
+            Ok(read) => {
+                let bytes = read?;
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                Ok(bytes.len())
+            }
+            Err(_) => {
+                // Left blocked; its answer, if it ever comes, goes nowhere.
+                self.worker = None;
+                self.stuck += 1;
+                warn!(
+                    tid,
+                    "reading the server's bind took longer than {READ_DEADLINE:?}; the bind is left to the relay"
+                );
+                Err(io::Error::from(io::ErrorKind::TimedOut))
+            }
         }
     }
 }

@@ -703,3 +703,22 @@ pub fn socket(domain: i32, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Asks the kernel to wake the listener's reader on the CPU of the process it stopped, and that
+/// process's thread as soon as the answer is sent (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux
+/// 6.6): a stopped bind waits a few microseconds less, and is less likely to be interrupted.
+pub fn notif_sync_wakeup(listener: std::os::fd::BorrowedFd) -> io::Result<()> {
+    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: the ioctl reads a u64 of flags by value; no memory is passed.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS as _,
+            SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

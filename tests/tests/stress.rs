@@ -1149,3 +1149,137 @@ fn server_killed_mid_transfer() {
     });
     checks.done();
 }
+
+/// A server that closes its listener and binds again, 1000 times, under handoff: each bind is
+/// answered with a fresh host socket from the factory. lowport's descriptors and memory, and the
+/// factory's descriptors, must stay flat (bypass4netns #115 leaked over long runs), and every
+/// client is served.
+#[test]
+#[ignore]
+fn a_server_that_binds_a_thousand_times() {
+    const CYCLES: usize = 1000;
+    let dir = std::env::temp_dir().join(format!("lowport-stress-rebind-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.join("rebind.py");
+    fs::write(
+        &script,
+        format!(
+            r#"
+import socket
+for i in range({CYCLES}):
+    family = socket.AF_INET6 if i % 2 else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 80))
+    s.listen(8)
+    c, _ = s.accept()
+    c.sendall(b"%d\n" % i)
+    c.close()
+    s.close()
+"#
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = lowport();
+    cmd.args([
+        "run",
+        "--forward",
+        "handoff",
+        "-p",
+        "0:80",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .args(["/usr/bin/python3", script.to_str().unwrap()]);
+    let mut launch = Launch::start(cmd);
+    let log = StderrLog::take(&mut launch);
+    let pid = launch.child.id();
+    let addr = launch.addr();
+    let factory = || {
+        descendants(pid).into_iter().find(|c| {
+            *c != pid
+                && proc_status_field(*c, "PPid").is_some_and(|p| p == pid.to_string())
+                && proc_status_field(*c, "NSpid").is_some_and(|n| n.split_whitespace().count() == 1)
+        })
+    };
+    let fetch = |expect: usize| -> bool {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            // Between two binds the port is free and the client is refused; it tries again.
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut line = String::new();
+                if s.read_to_string(&mut line).is_ok() && line.trim() == expect.to_string() {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    };
+    let mut checks = Checks::new("a_server_that_binds_a_thousand_times", &log);
+    let warmup = 50;
+    for i in 0..warmup {
+        checks.check(fetch(i), || format!("client {i} served"));
+    }
+    let fds_before = settled_fds(pid);
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let factory_pid = factory();
+    let factory_fds_before = factory_pid.and_then(fd_count);
+    let started = Instant::now();
+    let mut served = warmup;
+    for i in warmup..CYCLES {
+        if fetch(i) {
+            served += 1;
+        } else {
+            checks.check(false, || format!("client {i} served"));
+            break;
+        }
+    }
+    let took = started.elapsed();
+    let fds_after = fd_count(pid).unwrap_or(0);
+    let rss_after = rss_kib(pid).unwrap_or(0);
+    let factory_fds_after = factory_pid.and_then(fd_count);
+    let status = wait_with_deadline(&mut launch.child, PATIENCE);
+    report(
+        "a_server_that_binds_a_thousand_times",
+        &[
+            ("served", served.to_string()),
+            (
+                "binds_per_s",
+                format!("{:.0}", (served - warmup) as f64 / took.as_secs_f64()),
+            ),
+            ("lowport_fds", format!("{fds_before}->{fds_after}")),
+            (
+                "lowport_rss",
+                format!("{}->{}", mib(rss_before), mib(rss_after)),
+            ),
+            (
+                "factory_fds",
+                format!("{factory_fds_before:?}->{factory_fds_after:?}"),
+            ),
+        ],
+    );
+    checks.check(served == CYCLES, || {
+        format!("{served} of {CYCLES} clients served")
+    });
+    checks.check(fds_after <= fds_before, || {
+        format!("lowport's descriptors grew from {fds_before} to {fds_after}")
+    });
+    checks.check(rss_after <= rss_before + 1024, || {
+        format!("lowport's memory grew from {rss_before} KiB to {rss_after} KiB")
+    });
+    checks.check(factory_fds_before.is_some() && factory_fds_after == factory_fds_before, || {
+        format!("the factory's descriptors went from {factory_fds_before:?} to {factory_fds_after:?}")
+    });
+    checks.check(status.map(exit_code) == Some(0), || {
+        format!("lowport exited with {status:?} after the server's last bind")
+    });
+    checks.done();
+    let _ = fs::remove_dir_all(&dir);
+}
