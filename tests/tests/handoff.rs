@@ -1,0 +1,1483 @@
+//! Socket handoff (`--forward auto|handoff|relay`): when the server binds a published port on the
+//! wildcard address, lowport answers the bind with the host socket itself. Each test runs a real
+//! server under lowport as an unprivileged user and checks, from the host, that:
+//! - the server's process (not lowport's) holds the host's listening socket (`ss -lnp`);
+//! - lowport holds no relayed connection while a client is connected (`ss -tnp`, /proc/PID/fd);
+//! - the server sees each client's real address (127.0.0.9 and ::1) and the host port as its own.
+//!
+//! And that the fallbacks keep working: `--forward relay`, a nested lowport, a host port that needed
+//! privilege, a 32-bit server, a client that arrives before the server binds.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lowport_tests::*;
+use nix::sys::signal::Signal;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A directory that the test removes when it ends, however it ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory that every uid may read and search, owned by `owner` (uid, gid) when given.
+    fn new(tag: &str, owner: Option<(u32, u32)>) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("lowport-handoff-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if let (Some((uid, gid)), true) = (owner, is_root()) {
+            chown(&dir, uid, gid);
+        }
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file every uid may read.
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .unwrap();
+}
+
+fn tool(paths: &[&'static str]) -> Option<&'static str> {
+    paths.iter().copied().find(|p| Path::new(p).exists())
+}
+
+fn has_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Everything a process wrote on its stdout and stderr so far, read by threads as it comes.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<String>>);
+
+impl Output {
+    fn feed(&self, r: impl Read + Send + 'static) {
+        let buf = self.0.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                buf.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds `needle`.
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} in the output:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A lowport run whose command's stdout and lowport's (and the command's) stderr are collected.
+struct Server {
+    launch: Launch,
+    out: Output,
+}
+
+impl Server {
+    fn start(mut cmd: Command) -> Server {
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut launch = Launch::start(cmd);
+        let out = Output::default();
+        out.feed(launch.child.stdout.take().unwrap());
+        out.feed(launch.child.stderr.take().unwrap());
+        Server { launch, out }
+    }
+
+    /// The host port of the first published mapping.
+    fn port(&self) -> u16 {
+        self.launch.host_port()
+    }
+
+    fn lowport_pid(&self) -> u32 {
+        self.launch.child.id()
+    }
+
+    /// The command's process and its descendants (host pids).
+    fn server_pids(&self) -> HashSet<u32> {
+        let mut pids: HashSet<u32> = descendants(self.launch.pid).into_iter().collect();
+        pids.insert(self.launch.pid);
+        pids
+    }
+
+    /// lowport's own processes: lowport, its host socket factory and the pid-1 helper; everything
+    /// in lowport's tree that is not the command's.
+    fn lowport_pids(&self) -> HashSet<u32> {
+        let server = self.server_pids();
+        let mut pids: HashSet<u32> = descendants(self.lowport_pid())
+            .into_iter()
+            .filter(|p| !server.contains(p))
+            .collect();
+        pids.insert(self.lowport_pid());
+        pids
+    }
+
+    /// The `mode` of each published mapping in the readiness report, as "tcp 0.0.0.0 handoff".
+    fn modes(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.launch.ready_line).unwrap();
+        v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {} {}",
+                    p["protocol"].as_str().unwrap_or("?"),
+                    p["host_ip"].as_str().unwrap_or("?"),
+                    p["mode"].as_str().unwrap_or("(no mode)")
+                )
+            })
+            .collect()
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "ready line: {}\noutput:\n{}",
+            self.launch.ready_line,
+            self.out.text()
+        )
+    }
+}
+
+/// One socket as `ss -H -n -p` lists it.
+#[derive(Debug, Clone)]
+struct SsEntry {
+    local: String,
+    /// (process name, pid) for each process holding the socket.
+    users: Vec<(String, u32)>,
+}
+
+impl SsEntry {
+    fn pids(&self) -> HashSet<u32> {
+        self.users.iter().map(|(_, p)| *p).collect()
+    }
+}
+
+/// `ss -H -n -p ARGS`, parsed.
+fn ss(args: &[&str]) -> Vec<SsEntry> {
+    let out = Command::new("ss")
+        .args(["-H", "-n", "-p"])
+        .args(args)
+        .output()
+        .expect("run ss (package iproute2)");
+    assert!(
+        out.status.success(),
+        "ss {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let users = fields
+                .iter()
+                .find(|f| f.starts_with("users:"))
+                .map(|f| parse_users(f))
+                .unwrap_or_default();
+            let addrs: Vec<&str> = fields
+                .iter()
+                .copied()
+                .filter(|f| !f.starts_with("users:") && f.contains(':'))
+                .collect();
+            Some(SsEntry {
+                // The peer's address follows the local one.
+                local: addrs.get(..2)?[0].to_string(),
+                users,
+            })
+        })
+        .collect()
+}
+
+/// `users:(("nginx",pid=12,fd=6),("nginx",pid=13,fd=6))` into names and pids.
+fn parse_users(field: &str) -> Vec<(String, u32)> {
+    field
+        .split("(\"")
+        .skip(1)
+        .filter_map(|part| {
+            let (name, rest) = part.split_once('"')?;
+            let pid = rest.split("pid=").nth(1)?;
+            let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
+            Some((name.to_owned(), pid.parse().ok()?))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// The listening (TCP) or bound (UDP) sockets on the host's `port` of one family ('4' or '6').
+fn host_listeners(proto: Proto, family: char, port: u16) -> Vec<SsEntry> {
+    let kind = match proto {
+        Proto::Tcp => "-t",
+        Proto::Udp => "-u",
+    };
+    let fam = format!("-{family}");
+    ss(&["-l", kind, &fam, &format!("sport = :{port}")])
+}
+
+/// The server's processes, and only them, hold every listening socket of `family` on the host port:
+/// the host socket was handed over, lowport keeps no copy.
+fn assert_server_listens(server: &Server, proto: Proto, family: char, port: u16) {
+    let entries = host_listeners(proto, family, port);
+    let ours = server.server_pids();
+    assert!(
+        !entries.is_empty(),
+        "no IPv{family} {proto:?} socket listens on host port {port}\n{}",
+        server.context()
+    );
+    for e in &entries {
+        assert!(
+            !e.users.is_empty() && e.pids().is_subset(&ours),
+            "host socket {} (IPv{family} {proto:?}) is held by {:?}, expected only the server's processes {ours:?} (lowport is {})\n{}",
+            e.local,
+            e.users,
+            server.lowport_pid(),
+            server.context()
+        );
+    }
+}
+
+/// lowport (not the server) holds the listening socket of `family` on the host port: it relays.
+fn assert_lowport_listens(server: &Server, proto: Proto, family: char, port: u16) {
+    let entries = host_listeners(proto, family, port);
+    assert!(
+        !entries.is_empty(),
+        "no IPv{family} socket listens on host port {port}\n{}",
+        server.context()
+    );
+    for e in &entries {
+        assert!(
+            e.pids().contains(&server.lowport_pid()),
+            "host socket {} is held by {:?}, expected lowport ({}), which relays\n{}",
+            e.local,
+            e.users,
+            server.lowport_pid(),
+            server.context()
+        );
+    }
+}
+
+/// A TCP connection from `source` to `to`.
+fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let src = SocketAddr::new(source.parse().unwrap(), 0);
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = nix::sys::socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(PATIENCE))?;
+    Ok(s)
+}
+
+/// Connects from `source` to the host port and, while the connection is open, checks that the
+/// server's process holds its end and lowport holds no relayed connection at all.
+fn assert_direct_connection(server: &Server, source: &str, to: SocketAddr) {
+    let client = connect_from(source, to).expect("connect to the host port");
+    let me = client.local_addr().unwrap();
+    let filter = format!("sport = :{} and dport = :{}", to.port(), me.port());
+    let ours = server.server_pids();
+    let accepted = eventually("the server to accept the connection", || {
+        ss(&["-t", "state", "established", &filter])
+            .into_iter()
+            .find(|e| !e.users.is_empty())
+    });
+    assert!(
+        accepted.pids().is_subset(&ours),
+        "the host end of the connection is held by {:?}, expected the server's processes {ours:?}\n{}",
+        accepted.users,
+        server.context()
+    );
+    let relayed = relayed_sockets(&server.launch);
+    assert!(
+        relayed.is_empty(),
+        "lowport holds relayed connections {relayed:?} while the server holds the host socket\n{}",
+        server.context()
+    );
+    let lowport = server.lowport_pids();
+    let held: Vec<SsEntry> = ss(&["-t", "state", "established"])
+        .into_iter()
+        .filter(|e| !e.pids().is_disjoint(&lowport))
+        .collect();
+    assert!(
+        held.is_empty(),
+        "lowport's processes hold established connections: {held:?}"
+    );
+    drop(client);
+}
+
+/// No process of lowport's own (lowport, its factory, the pid-1 helper) holds the listening socket of
+/// `family` on `port`: count its descriptors whose inode is the socket's.
+fn assert_lowport_holds_no_copy(server: &Server, proto: Proto, family: char, port: u16) {
+    let table = match (proto, family) {
+        (Proto::Tcp, '4') => "/proc/net/tcp",
+        (Proto::Tcp, _) => "/proc/net/tcp6",
+        (Proto::Udp, '4') => "/proc/net/udp",
+        (Proto::Udp, _) => "/proc/net/udp6",
+    };
+    let text = std::fs::read_to_string(table).unwrap();
+    let want = format!(":{port:04X}");
+    let inodes: HashSet<u64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = proto == Proto::Udp || f.get(3) == Some(&"0A");
+            (f.get(1)?.ends_with(&want) && listening).then(|| f.get(9)?.parse().ok())?
+        })
+        .collect();
+    assert!(
+        !inodes.is_empty(),
+        "no socket on host port {port} in {table}"
+    );
+    for pid in server.lowport_pids() {
+        let copies = held_sockets(pid).intersection(&inodes).count();
+        assert_eq!(
+            copies,
+            0,
+            "process {pid} of lowport ({}) holds {copies} descriptor(s) of the handed-over host socket on port {port}",
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim()
+        );
+    }
+    let server_holds = server
+        .server_pids()
+        .iter()
+        .any(|p| !held_sockets(*p).is_disjoint(&inodes));
+    assert!(server_holds, "no server process holds the host socket");
+}
+
+/// `curl -sS --max-time 5 ARGS URL`: the exit code and the body.
+fn curl(args: &[&str], url: &str) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-g", "--max-time", "5"])
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// GETs / from 127.0.0.9 until the server answers 200 (it may still be starting).
+fn get_v4(port: u16) -> String {
+    eventually("the server to answer 127.0.0.9", || {
+        let (code, body) = curl(
+            &["--interface", "127.0.0.9", "-f"],
+            &format!("http://127.0.0.9:{port}/"),
+        );
+        (code == 0).then_some(body)
+    })
+}
+
+fn get_v6(port: u16) -> String {
+    eventually("the server to answer ::1", || {
+        let (code, body) = curl(&["-f"], &format!("http://[::1]:{port}/"));
+        (code == 0).then_some(body)
+    })
+}
+
+fn python(script_dir: &TempDir, name: &str, script: &str) -> Vec<String> {
+    let path = script_dir.write(name, script);
+    vec![PYTHON.into(), "-u".into(), path.display().to_string()]
+}
+
+/// lowport as the caller `who` (uid 65534 by default), `run -p PUBLISH OPTIONS --ready-fd 3 -- COMMAND`.
+fn lowport_run(who: Option<(u32, u32)>, options: &[&str], command: &[String]) -> Command {
+    let mut cmd = match who {
+        Some((uid, gid)) => unprivileged_as(uid, gid, &lowport_bin()),
+        None => lowport(),
+    };
+    run_args(&mut cmd, options).args(command);
+    cmd
+}
+
+fn host_uid(pid: u32) -> Option<u32> {
+    proc_status_field(pid, "Uid")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. nginx
+// ---------------------------------------------------------------------------------------------
+
+fn nginx_bin() -> Option<&'static str> {
+    tool(&["/usr/sbin/nginx", "/usr/bin/nginx"])
+}
+
+/// An nginx directory: configuration with `listen 80; listen [::]:80;`, an access log of
+/// `$remote_addr $server_port`, and www/index.html. `user` is the workers' `user` line.
+fn nginx_dir(tag: &str, owner: (u32, u32), user: &str, extra: &str) -> TempDir {
+    let dir = TempDir::new(tag, Some(owner));
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("www"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    dir.write("www/index.html", "nginx handed\n");
+    write_nginx_conf(&dir, user, extra);
+    dir
+}
+
+fn write_nginx_conf(dir: &TempDir, user: &str, extra: &str) {
+    let d = dir.path().display();
+    dir.write(
+        "nginx.conf",
+        &format!(
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser {user};\npid {d}/nginx.pid;\n\
+             error_log stderr notice;\nevents {{ worker_connections 64; }}\nhttp {{\n\
+             log_format peers '$remote_addr $server_port';\n  access_log {d}/access.log peers;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen 80;\n    listen [::]:80;\n    root {d}/www;\n    {extra}\n  }}\n}}\n"
+        ),
+    );
+}
+
+fn nginx_command(dir: &TempDir) -> Vec<String> {
+    vec![
+        nginx_bin().unwrap().to_owned(),
+        "-e".into(),
+        "stderr".into(),
+        "-p".into(),
+        dir.path().display().to_string(),
+        "-c".into(),
+        dir.path().join("nginx.conf").display().to_string(),
+    ]
+}
+
+fn access_log(dir: &TempDir) -> String {
+    std::fs::read_to_string(dir.path().join("access.log")).unwrap_or_default()
+}
+
+/// nginx serves both families on the host sockets themselves, and logs each client's real address
+/// with the host port as its own.
+fn nginx_serves_on_the_host_sockets(server: &Server, dir: &TempDir) {
+    let port = server.port();
+    assert_eq!(get_v4(port), "nginx handed\n");
+    assert!(
+        access_log(dir).contains(&format!("127.0.0.9 {port}\n")),
+        "nginx's access log should show 127.0.0.9 and the host port {port}:\n{}\n{}",
+        access_log(dir),
+        server.context()
+    );
+    assert_server_listens(server, Proto::Tcp, '4', port);
+    assert_direct_connection(
+        server,
+        "127.0.0.9",
+        SocketAddr::from(([127, 0, 0, 9], port)),
+    );
+    if has_ipv6() {
+        assert_eq!(get_v6(port), "nginx handed\n");
+        assert!(
+            access_log(dir).contains(&format!("::1 {port}\n")),
+            "nginx's access log should show ::1 and the host port {port}:\n{}",
+            access_log(dir)
+        );
+        assert_server_listens(server, Proto::Tcp, '6', port);
+        assert_direct_connection(server, "::1", format!("[::1]:{port}").parse().unwrap());
+    }
+    assert!(
+        server.modes().iter().all(|m| m.ends_with(" handoff")),
+        "{:?}",
+        server.modes()
+    );
+}
+
+#[test]
+fn nginx_serves_both_families_on_the_host_sockets() {
+    if !require(nginx_bin().is_some(), "nginx (package nginx-light)") {
+        return;
+    }
+    let caller = (caller_uid(), if is_root() { NOBODY } else { caller_uid() });
+    let dir = nginx_dir("nginx", caller, "root root", "");
+    let server = Server::start(lowport_run(None, &["-p", "0:80"], &nginx_command(&dir)));
+    nginx_serves_on_the_host_sockets(&server, &dir);
+}
+
+/// Under subordinate ids nginx's workers run as www-data (another host uid), and accept on the host
+/// sockets their master was handed.
+#[test]
+fn nginx_with_www_data_workers_under_subids_serves_on_the_host_sockets() {
+    if !require(nginx_bin().is_some(), "nginx (package nginx-light)") {
+        return;
+    }
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let www = nix::unistd::User::from_name("www-data").ok().flatten();
+    if !require(www.is_some(), "the www-data user") {
+        return;
+    }
+    let dir = nginx_dir("nginx-subids", (uid, gid), "www-data www-data", "");
+    let server = Server::start(lowport_run(
+        Some((uid, gid)),
+        &["--userns", "subids", "-p", "0:80"],
+        &nginx_command(&dir),
+    ));
+    nginx_serves_on_the_host_sockets(&server, &dir);
+    // The workers, as www-data, hold the host socket too.
+    let text = std::fs::read_to_string("/etc/subuid").unwrap();
+    let start: u32 = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{SUBID_USER}:")))
+        .and_then(|l| l.split(':').nth(1)?.parse().ok())
+        .expect("a range for the test user in /etc/subuid");
+    let www_host = start + www.unwrap().uid.as_raw() - 1;
+    let listeners = host_listeners(Proto::Tcp, '4', server.port());
+    let holders: Vec<u32> = listeners.iter().flat_map(|e| e.pids()).collect();
+    assert!(
+        holders.iter().any(|p| host_uid(*p) == Some(www_host)),
+        "a www-data worker (host uid {www_host}) should hold the host socket; holders {holders:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Python's http.server
+// ---------------------------------------------------------------------------------------------
+
+fn http_server(bind: &str) -> (TempDir, Server) {
+    let dir = TempDir::new(&format!("http-server-{}", bind.replace(':', "6")), None);
+    dir.write("index.html", "python handed\n");
+    let command: Vec<String> = [
+        PYTHON,
+        "-u",
+        "-m",
+        "http.server",
+        "80",
+        "--bind",
+        bind,
+        "--directory",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.path().display().to_string()])
+    .collect();
+    let server = Server::start(lowport_run(None, &["-p", "0:80"], &command));
+    (dir, server)
+}
+
+#[test]
+fn python_http_server_on_0_0_0_0_gets_the_ipv4_host_socket() {
+    let (_dir, server) = http_server("0.0.0.0");
+    let port = server.port();
+    // getsockname() in the server shows the host port.
+    server
+        .out
+        .wait_for(&format!("Serving HTTP on 0.0.0.0 port {port} "));
+    assert_eq!(get_v4(port), "python handed\n");
+    server.out.wait_for("127.0.0.9 - - [");
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    assert_direct_connection(
+        &server,
+        "127.0.0.9",
+        SocketAddr::from(([127, 0, 0, 9], port)),
+    );
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+    if has_ipv6() {
+        // An IPv4-only server gets no IPv6 client, as on the host; the client is told promptly.
+        let (code, out) = curl(&[], &format!("http://[::1]:{port}/"));
+        assert!(
+            code != 0 && code != 28,
+            "an IPv6 client of an IPv4-only server: curl exit {code} (0 = served, 28 = hung): {out}"
+        );
+    }
+}
+
+#[test]
+fn python_http_server_on_ipv6_wildcard_is_dual_stack_on_the_host() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let (_dir, server) = http_server("::");
+    let port = server.port();
+    server
+        .out
+        .wait_for(&format!("Serving HTTP on :: port {port} "));
+    assert_eq!(get_v4(port), "python handed\n");
+    server.out.wait_for("::ffff:127.0.0.9 - - [");
+    assert_eq!(get_v6(port), "python handed\n");
+    server.out.wait_for("\n::1 - - [");
+    // One dual-stack host socket took the place of the 0.0.0.0 and [::] pair.
+    assert_server_listens(&server, Proto::Tcp, '6', port);
+    let v4 = host_listeners(Proto::Tcp, '4', port);
+    assert!(
+        v4.is_empty(),
+        "the dual-stack server's host socket should replace lowport's 0.0.0.0:{port}: {v4:?}"
+    );
+    assert_direct_connection(
+        &server,
+        "127.0.0.9",
+        SocketAddr::from(([127, 0, 0, 9], port)),
+    );
+    assert_direct_connection(&server, "::1", format!("[::1]:{port}").parse().unwrap());
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '6', port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. iperf3
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn iperf3_server_measures_on_the_host_socket() {
+    let Some(iperf3) = tool(&["/usr/bin/iperf3"]) else {
+        require(false, "iperf3 (package iperf3)");
+        return;
+    };
+    let command: Vec<String> = [iperf3, "-s", "-p", "80", "--forceflush"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let server = Server::start(lowport_run(None, &["-p", "0:80"], &command));
+    let port = server.port();
+    server.out.wait_for("Server listening on 80");
+    // iperf3 binds [::] dual-stack (or 0.0.0.0 where there is no IPv6).
+    let family = if has_ipv6() { '6' } else { '4' };
+    assert_server_listens(&server, Proto::Tcp, family, port);
+    let run = |args: &[&str]| {
+        let (code, out, err) = run_to_end(Command::new(iperf3).args(args));
+        assert_eq!(code, 0, "iperf3 {args:?}: {out}{err}\n{}", server.context());
+    };
+    let p = port.to_string();
+    run(&["-c", "127.0.0.9", "-B", "127.0.0.9", "-p", &p, "-t", "1"]);
+    server.out.wait_for("Accepted connection from ");
+    let text = server.out.text();
+    assert!(
+        text.contains("127.0.0.9") && text.contains(&format!("port {p} connected to")),
+        "iperf3 should see 127.0.0.9 on its local port {p} (the host's):\n{text}"
+    );
+    if has_ipv6() {
+        run(&["-c", "::1", "-p", &p, "-t", "1"]);
+        eventually("iperf3 to log the IPv6 client", || {
+            server
+                .out
+                .text()
+                .contains("Accepted connection from ::1")
+                .then_some(())
+        });
+    }
+    assert_server_listens(&server, Proto::Tcp, family, port);
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, family, port);
+    assert!(
+        relayed_sockets(&server.launch).is_empty(),
+        "{:?}",
+        relayed_sockets(&server.launch)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. UDP: dnsmasq
+// ---------------------------------------------------------------------------------------------
+
+/// A DNS query for test.lowport from SOURCE to DEST:PORT (argv), retried until answered; prints the A
+/// record and the address the answer came from.
+const DNS_QUERY: &str = r#"
+import socket, struct, sys, time
+source, dest, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in dest else socket.AF_INET
+name = b"".join(bytes([len(p)]) + p for p in b"test.lowport".split(b"."))
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.bind((source, 0))
+s.settimeout(0.5)
+deadline = time.time() + 15
+while time.time() < deadline:
+    s.sendto(q, (dest, port))
+    try:
+        r, frm = s.recvfrom(512)
+    except socket.timeout:
+        continue
+    print(socket.inet_ntoa(r[-4:]), frm[0], frm[1])
+    break
+"#;
+
+#[test]
+fn dnsmasq_answers_on_the_host_udp_sockets() {
+    let Some(dnsmasq) = tool(&["/usr/sbin/dnsmasq", "/sbin/dnsmasq"]) else {
+        require(false, "dnsmasq (package dnsmasq)");
+        return;
+    };
+    // dnsmasq switches to nobody after its binds: that needs subordinate ids.
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let dir = TempDir::new("dnsmasq", None);
+    let query = dir.write("query.py", DNS_QUERY);
+    // No --listen-address: dnsmasq binds the wildcard addresses, 0.0.0.0:53 and [::]:53.
+    let command: Vec<String> = [
+        dnsmasq,
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--port=53",
+        "--address=/test.lowport/192.0.2.77",
+        "--pid-file",
+        "--log-facility=-",
+        "--log-queries",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = Server::start(lowport_run(
+        Some((uid, gid)),
+        &["--userns", "subids", "-p", "0:53/udp"],
+        &command,
+    ));
+    let port = server.port();
+    let ask = |source: &str, dest: &str| {
+        let (code, out, err) = run_to_end(
+            unprivileged_as(NOBODY, NOBODY, Path::new(PYTHON))
+                .arg(&query)
+                .args([source, dest, &port.to_string()]),
+        );
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let answer = ask("127.0.0.9", "127.0.0.1");
+    assert_eq!(
+        answer.trim(),
+        format!("192.0.2.77 127.0.0.1 {port}"),
+        "{}",
+        server.context()
+    );
+    server.out.wait_for("query[A] test.lowport from 127.0.0.9");
+    assert_server_listens(&server, Proto::Udp, '4', port);
+    assert_lowport_holds_no_copy(&server, Proto::Udp, '4', port);
+    if has_ipv6() {
+        let answer = ask("::1", "::1");
+        assert_eq!(answer.trim(), format!("192.0.2.77 ::1 {port}"));
+        server.out.wait_for("query[A] test.lowport from ::1");
+        assert_server_listens(&server, Proto::Udp, '6', port);
+        assert_lowport_holds_no_copy(&server, Proto::Udp, '6', port);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A Go/Node-style dual-stack listener
+// ---------------------------------------------------------------------------------------------
+
+/// Answers each connection with "PEER_IP LOCAL_PORT" and closes it.
+const DUAL_STACK: &str = r#"
+import socket
+s = socket.create_server(("", 80), family=socket.AF_INET6, dualstack_ipv6=True)
+print("listening on port", s.getsockname()[1], flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(("%s %d\n" % (peer[0], c.getsockname()[1])).encode())
+    c.close()
+"#;
+
+fn read_reply(mut s: TcpStream) -> String {
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("a reply");
+    reply
+}
+
+#[test]
+fn a_dual_stack_listener_gets_one_host_socket_for_both_families() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let dir = TempDir::new("dualstack", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &python(&dir, "dual.py", DUAL_STACK),
+    ));
+    let port = server.port();
+    server.out.wait_for(&format!("listening on port {port}\n"));
+    let v4 = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap());
+    assert_eq!(v4, format!("::ffff:127.0.0.9 {port}\n"));
+    let v6 = read_reply(connect_from("::1", format!("[::1]:{port}").parse().unwrap()).unwrap());
+    assert_eq!(v6, format!("::1 {port}\n"));
+    assert_server_listens(&server, Proto::Tcp, '6', port);
+    assert!(host_listeners(Proto::Tcp, '4', port).is_empty());
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '6', port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Binding again: close and rebind, SO_REUSEPORT groups, nginx reload
+// ---------------------------------------------------------------------------------------------
+
+/// Three times: bind 0.0.0.0:80, say so, serve one client ("ROUND PEER LOCAL_PORT"), close.
+const REBIND: &str = r#"
+import socket
+for i in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80))
+    s.listen(16)
+    print("round %d listening on port %d" % (i, s.getsockname()[1]), flush=True)
+    c, peer = s.accept()
+    c.sendall(("%d %s %d\n" % (i, peer[0], c.getsockname()[1])).encode())
+    c.close()
+    s.close()
+print("all rounds done", flush=True)
+"#;
+
+#[test]
+fn a_server_that_closes_and_binds_again_gets_a_host_socket_each_time() {
+    let dir = TempDir::new("rebind", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &python(&dir, "rebind.py", REBIND),
+    ));
+    let port = server.port();
+    for round in 0..3 {
+        server
+            .out
+            .wait_for(&format!("round {round} listening on port {port}\n"));
+        assert_server_listens(&server, Proto::Tcp, '4', port);
+        assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+        let reply = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap());
+        assert_eq!(
+            reply,
+            format!("{round} 127.0.0.9 {port}\n"),
+            "{}",
+            server.context()
+        );
+    }
+    server.out.wait_for("all rounds done\n");
+    let mut launch = server.launch;
+    assert!(launch.wait().success(), "{}", server.out.text());
+}
+
+/// Three SO_REUSEPORT sockets on 0.0.0.0:80; each connection is answered with the index of the socket
+/// that accepted it.
+const REUSEPORT: &str = r#"
+import select, socket
+socks = []
+for i in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", 80))
+    s.listen(64)
+    socks.append(s)
+print("listening on ports", [s.getsockname()[1] for s in socks], flush=True)
+while True:
+    ready, _, _ = select.select(socks, [], [])
+    for s in ready:
+        c, peer = s.accept()
+        c.sendall(("%d %s\n" % (socks.index(s), peer[0])).encode())
+        c.close()
+"#;
+
+#[test]
+fn so_reuseport_workers_each_get_a_host_socket_and_all_serve() {
+    let dir = TempDir::new("reuseport", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &python(&dir, "reuseport.py", REUSEPORT),
+    ));
+    let port = server.port();
+    server
+        .out
+        .wait_for(&format!("listening on ports [{port}, {port}, {port}]\n"));
+    let listeners = host_listeners(Proto::Tcp, '4', port);
+    assert_eq!(
+        listeners.len(),
+        3,
+        "three host sockets in the SO_REUSEPORT group: {listeners:?}\n{}",
+        server.context()
+    );
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    let mut seen = HashSet::new();
+    for _ in 0..300 {
+        let reply = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap());
+        let (index, peer) = reply.trim().split_once(' ').expect("INDEX PEER");
+        assert_eq!(peer, "127.0.0.9");
+        seen.insert(index.to_owned());
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 3, "every socket of the group serves: {seen:?}");
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+}
+
+/// The nginx master's children (its workers), host pids.
+fn nginx_workers(master: u32) -> HashSet<u32> {
+    descendants(master).into_iter().collect()
+}
+
+#[test]
+fn nginx_reloaded_with_sighup_keeps_serving_on_the_host_sockets() {
+    if !require(nginx_bin().is_some(), "nginx (package nginx-light)") {
+        return;
+    }
+    let caller = (caller_uid(), if is_root() { NOBODY } else { caller_uid() });
+    let dir = nginx_dir("nginx-reload", caller, "root root", "");
+    let server = Server::start(lowport_run(None, &["-p", "0:80"], &nginx_command(&dir)));
+    let port = server.port();
+    assert_eq!(get_v4(port), "nginx handed\n");
+    let old_workers = eventually("nginx's workers", || {
+        let w = nginx_workers(server.launch.pid);
+        (w.len() == 2).then_some(w)
+    });
+    // A new location shows that the new configuration is in force.
+    write_nginx_conf(
+        &dir,
+        "root root",
+        "location = /reloaded { return 200 \"reloaded\\n\"; }",
+    );
+    server.launch.signal(Signal::SIGHUP);
+    eventually("nginx to serve the new configuration", || {
+        let (code, body) = curl(
+            &["--interface", "127.0.0.9"],
+            &format!("http://127.0.0.9:{port}/reloaded"),
+        );
+        (code == 0 && body == "reloaded\n").then_some(())
+    });
+    eventually("the old workers to exit", || {
+        nginx_workers(server.launch.pid)
+            .is_disjoint(&old_workers)
+            .then_some(())
+    });
+    assert!(access_log(&dir).contains(&format!("127.0.0.9 {port}\n")));
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    assert_direct_connection(
+        &server,
+        "127.0.0.9",
+        SocketAddr::from(([127, 0, 0, 9], port)),
+    );
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+    if has_ipv6() {
+        assert_eq!(get_v6(port), "nginx handed\n");
+        assert_server_listens(&server, Proto::Tcp, '6', port);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Signals during bind
+// ---------------------------------------------------------------------------------------------
+
+/// Binds 20 sockets in turn (bind, listen, close) while SIGALRM fires every 50 µs; prints one JSON
+/// line per bind with the number of calls it took and the errors seen, then serves one client on a
+/// 21st socket. argv[1] "restart" installs the handler with SA_RESTART (siginterrupt False), as C
+/// servers usually do; "default" keeps Python's (no SA_RESTART).
+const SIGNALS: &str = r#"
+import json, signal, socket, sys
+count = 0
+def tick(sig, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGALRM, tick)
+if sys.argv[1] == "restart":
+    signal.siginterrupt(signal.SIGALRM, False)
+signal.setitimer(signal.ITIMER_REAL, 0.00005, 0.00005)
+for i in range(21):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    calls, errors = 0, []
+    while True:
+        calls += 1
+        try:
+            s.bind(("0.0.0.0", 80))
+            break
+        except InterruptedError as e:
+            errors.append(e.errno)
+        except OSError as e:
+            errors.append(e.errno)
+            break
+        if calls > 1000:
+            break
+    port = s.getsockname()[1]
+    s.listen(4)
+    print(json.dumps({"i": i, "calls": calls, "errors": errors, "port": port}), flush=True)
+    if i == 20:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        print(json.dumps({"signals": count}), flush=True)
+        c, peer = s.accept()
+        c.sendall(("%s %d\n" % (peer[0], c.getsockname()[1])).encode())
+        c.close()
+    s.close()
+"#;
+
+fn binds_under_a_signal_storm(mode: &str) {
+    let dir = TempDir::new(&format!("signals-{mode}"), None);
+    let mut command = python(&dir, "signals.py", SIGNALS);
+    command.push(mode.into());
+    let server = Server::start(lowport_run(None, &["-p", "0:80"], &command));
+    let port = server.port();
+    server.out.wait_for("{\"signals\": ");
+    let text = server.out.text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let binds: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("i").is_some()).collect();
+    assert_eq!(binds.len(), 21, "{text}");
+    let signals = lines.iter().find_map(|v| v["signals"].as_u64()).unwrap();
+    assert!(
+        signals >= 21,
+        "the timer fired only {signals} times:\n{text}"
+    );
+    let bad: Vec<&&serde_json::Value> = binds
+        .iter()
+        .filter(|b| b["calls"] != 1 || b["errors"] != serde_json::json!([]) || b["port"] != port)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "every bind should succeed at its first call and end on host port {port}; these did not (errno 4 is EINTR, 22 EINVAL, 98 EADDRINUSE):\n{}\nfull output:\n{}",
+        bad.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n"),
+        server.context()
+    );
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    let reply = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap());
+    assert_eq!(reply, format!("127.0.0.9 {port}\n"));
+}
+
+#[test]
+fn binds_interrupted_by_signals_with_sa_restart_succeed_once_each() {
+    binds_under_a_signal_storm("restart");
+}
+
+/// Python installs its handlers without SA_RESTART, and its bind() does not retry on EINTR: on the
+/// host bind() never fails with EINTR, so under lowport it must not either.
+#[test]
+fn binds_interrupted_by_signals_without_sa_restart_succeed_once_each() {
+    binds_under_a_signal_storm("default");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Fallbacks
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn forward_relay_keeps_the_host_socket_in_lowport_and_relays_real_addresses() {
+    let dir = TempDir::new("relay", None);
+    dir.write("index.html", "relayed\n");
+    let command: Vec<String> = [PYTHON, "-u", "-m", "http.server", "80", "--bind", "0.0.0.0"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--directory".into(), dir.path().display().to_string()])
+        .collect();
+    let server = Server::start(lowport_run(
+        None,
+        &["--forward", "relay", "-p", "0:80"],
+        &command,
+    ));
+    let port = server.port();
+    assert!(
+        server.modes().iter().all(|m| m.ends_with(" relay")),
+        "{:?}",
+        server.modes()
+    );
+    // The server's own socket is port 80 inside.
+    server.out.wait_for("Serving HTTP on 0.0.0.0 port 80 ");
+    assert_eq!(get_v4(port), "relayed\n");
+    server.out.wait_for("127.0.0.9 - - [");
+    assert_lowport_listens(&server, Proto::Tcp, '4', port);
+    // While a client is connected, lowport holds the relayed connection.
+    let client = connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap();
+    eventually("lowport to relay the connection", || {
+        (!relayed_sockets(&server.launch).is_empty()).then_some(())
+    });
+    drop(client);
+}
+
+#[test]
+fn readiness_reports_the_mode_of_each_port() {
+    let dir = TempDir::new("modes", None);
+    let command = python(&dir, "dual.py", DUAL_STACK);
+    let server = Server::start(lowport_run(
+        None,
+        &["--forward", "handoff", "-p", "0:80", "-p", "0:53/udp"],
+        &command,
+    ));
+    let modes = server.modes();
+    assert!(
+        !modes.is_empty() && modes.iter().all(|m| m.ends_with(" handoff")),
+        "{modes:?}"
+    );
+    assert_eq!(modes.len(), server.launch.ports.len());
+    drop(server);
+    let server = Server::start(lowport_run(
+        None,
+        &["--forward", "auto", "-p", "127.0.0.1:0:80"],
+        &command,
+    ));
+    assert_eq!(server.modes(), ["tcp 127.0.0.1 handoff"]);
+}
+
+#[test]
+fn forward_handoff_with_socket_activation_is_bad_usage() {
+    let (code, _, err) = run_to_end(lowport().args([
+        "run",
+        "--forward",
+        "handoff",
+        "--socket-activation",
+        "-p",
+        "0:80",
+        "--",
+        "true",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.starts_with("lowport: "), "{err}");
+}
+
+/// lowport inside lowport: the inner one cannot get a seccomp listener (one per filter chain) and
+/// relays; the outer one hands its host socket to the inner lowport, whose bind it sees.
+#[test]
+fn a_nested_lowport_relays_for_its_server() {
+    let dir = TempDir::new("nested", Some((caller_uid(), caller_uid_gid())));
+    dir.write("index.html", "nested\n");
+    let inner_ready = dir.path().join("inner-ready.json");
+    let script = format!(
+        "exec {lowport} run --ready-fd 4 -p 8081:80 -- {PYTHON} -u -m http.server 80 --bind 0.0.0.0 --directory {d} 4>{ready}",
+        lowport = lowport_bin().display(),
+        d = dir.path().display(),
+        ready = inner_ready.display(),
+    );
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:8081"],
+        &["/bin/sh".into(), "-c".into(), script],
+    ));
+    let port = server.port();
+    let ready = eventually("the inner lowport's readiness", || {
+        let text = std::fs::read_to_string(&inner_ready).ok()?;
+        text.ends_with('\n').then_some(text)
+    });
+    let v: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let inner_modes: Vec<&str> = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["mode"].as_str().unwrap_or("(none)"))
+        .collect();
+    assert!(
+        !inner_modes.is_empty() && inner_modes.iter().all(|m| *m == "relay"),
+        "the inner lowport relays: {ready}"
+    );
+    assert_eq!(get_v4(port), "nested\n", "{}", server.context());
+    // The server, two namespaces down, still sees the client's own address.
+    server.out.wait_for("127.0.0.9 - - [");
+    // The inner lowport (the outer one's command) holds the host socket, and the outer relays nothing.
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    let inner = server.launch.pid;
+    assert!(
+        host_listeners(Proto::Tcp, '4', port)
+            .iter()
+            .all(|e| e.pids().contains(&inner)),
+        "the inner lowport ({inner}) holds the host socket"
+    );
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+}
+
+fn caller_uid_gid() -> u32 {
+    if is_root() {
+        NOBODY
+    } else {
+        nix::unistd::getgid().as_raw()
+    }
+}
+
+/// A copy of lowport with the file capability cap_net_bind_service.
+fn setcap_copy(dir: &TempDir) -> Option<PathBuf> {
+    let setcap = tool(&["/usr/sbin/setcap", "/sbin/setcap"]);
+    if !require(
+        is_root() && setcap.is_some(),
+        "root and setcap (package libcap2-bin)",
+    ) {
+        return None;
+    }
+    let bin = dir.path().join("lowport");
+    std::fs::copy(lowport_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = Command::new(setcap.unwrap())
+        .arg("cap_net_bind_service=ep")
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(status.success(), "setcap failed");
+    Some(bin)
+}
+
+/// A host port below the host's ip_unprivileged_port_start, bound through the file capability, is
+/// never handed to the server: lowport keeps it and relays.
+#[test]
+fn a_privileged_host_port_stays_relayed() {
+    let start = sysctl("net/ipv4/ip_unprivileged_port_start").unwrap_or(1024);
+    if !require(start > 100, "a host where ports below 100 need privilege") {
+        return;
+    }
+    let dir = TempDir::new("privileged", None);
+    let Some(bin) = setcap_copy(&dir) else {
+        return;
+    };
+    dir.write("index.html", "privileged\n");
+    let low = (20..100)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free low port");
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, &bin);
+    run_args(
+        &mut cmd,
+        &["-p", &format!("127.0.0.1:{low}:80"), "-p", "127.0.0.1:0:81"],
+    )
+    .args([
+        PYTHON,
+        "-u",
+        "-c",
+        "import http.server, threading, functools, sys\n\
+         h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+         a = http.server.ThreadingHTTPServer(('0.0.0.0', 80), h)\n\
+         b = http.server.ThreadingHTTPServer(('0.0.0.0', 81), h)\n\
+         print('ports', a.server_address[1], b.server_address[1], flush=True)\n\
+         threading.Thread(target=b.serve_forever, daemon=True).start()\n\
+         a.serve_forever()\n",
+    ])
+    .arg(dir.path());
+    let server = Server::start(cmd);
+    let high = server.launch.ports[1].host_port;
+    assert_eq!(
+        server.modes(),
+        ["tcp 127.0.0.1 relay", "tcp 127.0.0.1 handoff"],
+        "{}",
+        server.context()
+    );
+    // Port 80 inside kept its own socket; port 81 was handed the host one.
+    server.out.wait_for(&format!("ports 80 {high}\n"));
+    let (code, body) = curl(
+        &["--interface", "127.0.0.9"],
+        &format!("http://127.0.0.1:{low}/"),
+    );
+    assert_eq!((code, body.as_str()), (0, "privileged\n"));
+    server.out.wait_for("127.0.0.9 - - [");
+    assert_lowport_listens(&server, Proto::Tcp, '4', low);
+    assert_server_listens(&server, Proto::Tcp, '4', high);
+}
+
+/// i386 code that never uses libc: socket, SO_REUSEADDR, bind 0.0.0.0:80, listen, then answer each
+/// client with one line. Its bind goes through the compat ABI, which the filter does not report.
+const I386_SERVER: &str = r#"
+static long sys5(long n, long a, long b, long c, long d, long e) {
+    long r;
+    __asm__ volatile ("int $0x80" : "=a"(r) : "a"(n), "b"(a), "c"(b), "d"(c), "S"(d), "D"(e) : "memory");
+    return r;
+}
+void _start(void) {
+    unsigned char addr[16] = {2, 0, 0, 80};
+    int one = 1;
+    long s = sys5(359, 2, 1, 0, 0, 0);                       /* socket(AF_INET, SOCK_STREAM, 0) */
+    sys5(366, s, 1, 2, (long)&one, sizeof one);             /* setsockopt(SO_REUSEADDR) */
+    if (sys5(361, s, (long)addr, 16, 0, 0) < 0) sys5(1, 3, 0, 0, 0, 0);   /* bind, or exit 3 */
+    if (sys5(363, s, 16, 0, 0, 0) < 0) sys5(1, 4, 0, 0, 0, 0);           /* listen, or exit 4 */
+    sys5(4, 1, (long)"listening\n", 10, 0, 0);
+    for (;;) {
+        long c = sys5(364, s, 0, 0, 0, 0);                    /* accept4 */
+        if (c >= 0) {
+            sys5(4, c, (long)"hello from i386\n", 16, 0, 0);
+            sys5(6, c, 0, 0, 0, 0);
+        }
+    }
+}
+"#;
+
+#[test]
+fn a_32_bit_server_is_relayed() {
+    let dir = TempDir::new("i386", None);
+    let source = dir.write("server.c", I386_SERVER);
+    let bin = dir.path().join("server32");
+    let built = Command::new("gcc")
+        .args([
+            "-m32",
+            "-nostdlib",
+            "-static",
+            "-ffreestanding",
+            "-fno-pie",
+            "-no-pie",
+            "-fno-stack-protector",
+            "-O1",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&source)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !require(built, "gcc able to build i386 code (gcc -m32)") {
+        return;
+    }
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "127.0.0.1:0:80"],
+        &[bin.display().to_string()],
+    ));
+    let port = server.port();
+    server.out.wait_for("listening\n");
+    let reply = read_reply(eventually("the i386 server to answer", || {
+        connect_from("127.0.0.9", ([127, 0, 0, 1], port).into()).ok()
+    }));
+    assert_eq!(reply, "hello from i386\n");
+    assert_lowport_listens(&server, Proto::Tcp, '4', port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Before the server binds
+// ---------------------------------------------------------------------------------------------
+
+/// Clients that connect while the server sleeps before its bind are served or refused at once; none
+/// waits until curl's time-out.
+#[test]
+fn clients_before_the_bind_are_served_or_refused_never_left_hanging() {
+    let dir = TempDir::new("late", None);
+    dir.write("index.html", "late\n");
+    let script = format!(
+        "sleep 1; exec {PYTHON} -u -m http.server 80 --bind 0.0.0.0 --directory {}",
+        dir.path().display()
+    );
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &["/bin/sh".into(), "-c".into(), script],
+    ));
+    let port = server.port();
+    let url = format!("http://127.0.0.9:{port}/");
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    // Clients through the second before the bind (and just after it).
+    for _ in 0..12 {
+        let url = url.clone();
+        clients.push(std::thread::spawn(move || {
+            let t = Instant::now();
+            let (code, out) = curl(&["--interface", "127.0.0.9"], &url);
+            (code, out, t.elapsed())
+        }));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let results: Vec<(i32, String, Duration)> =
+        clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let hung: Vec<&(i32, String, Duration)> = results
+        .iter()
+        .filter(|(code, _, took)| *code == 28 || *took > Duration::from_secs(4))
+        .collect();
+    assert!(
+        hung.is_empty(),
+        "clients that connected before the bind hung (curl exit 28 is its time-out): {hung:?}\nall: {results:?}\n{}",
+        server.context()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for (code, out, _) in &results {
+        assert!(
+            *code == 0 && out == "late\n" || [7, 52, 56].contains(code),
+            "a client is served or refused: exit {code}, {out}"
+        );
+    }
+    assert_eq!(get_v4(port), "late\n");
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. No copy left behind
+// ---------------------------------------------------------------------------------------------
+
+/// After the handoff no process of lowport's holds a descriptor of the host socket, for both
+/// families, and a server exiting leaves the port free at once (nobody else holds it).
+#[test]
+fn lowport_keeps_no_copy_of_a_handed_over_socket() {
+    let dir = TempDir::new("nocopy", None);
+    let script = "import signal, socket\n\
+        socks = []\n\
+        for fam, addr in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET6, '::')):\n\
+        \x20   try:\n\
+        \x20       s = socket.socket(fam, socket.SOCK_STREAM)\n\
+        \x20   except OSError:\n\
+        \x20       continue\n\
+        \x20   if fam == socket.AF_INET6:\n\
+        \x20       s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+        \x20   s.bind((addr, 80))\n\
+        \x20   s.listen(8)\n\
+        \x20   socks.append(s)\n\
+        print('bound', len(socks), flush=True)\n\
+        signal.pause()\n";
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &python(&dir, "nocopy.py", script),
+    ));
+    let port = server.port();
+    server.out.wait_for("bound ");
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '4', port);
+    assert_server_listens(&server, Proto::Tcp, '4', port);
+    if has_ipv6() {
+        assert_lowport_holds_no_copy(&server, Proto::Tcp, '6', port);
+        assert_server_listens(&server, Proto::Tcp, '6', port);
+    }
+    // The server goes; nothing listens on the host port any more: lowport kept nothing.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.launch.pid as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut launch = server.launch;
+    launch.wait();
+    assert!(host_listeners(Proto::Tcp, '4', port).is_empty());
+    assert!(std::net::TcpListener::bind(("0.0.0.0", port)).is_ok());
+}
