@@ -1057,7 +1057,9 @@ for i in range(21):
     s.close()
 "#;
 
-fn binds_under_a_signal_storm(mode: &str) {
+/// `eintr_allowed`: whether a call may fail with EINTR before a retry succeeds (see the test
+/// without SA_RESTART).
+fn binds_under_a_signal_storm(mode: &str, eintr_allowed: bool) {
     let dir = TempDir::new(&format!("signals-{mode}"), None);
     let mut command = python(&dir, "signals.py", SIGNALS);
     command.push(mode.into());
@@ -1079,11 +1081,21 @@ fn binds_under_a_signal_storm(mode: &str) {
     );
     let bad: Vec<&&serde_json::Value> = binds
         .iter()
-        .filter(|b| b["calls"] != 1 || b["errors"] != serde_json::json!([]) || b["port"] != port)
+        .filter(|b| {
+            let errors = b["errors"].as_array().cloned().unwrap_or_default();
+            let only_eintr = errors.iter().all(|e| e == 4);
+            let calls_ok = if eintr_allowed {
+                only_eintr && b["calls"].as_u64() == Some(errors.len() as u64 + 1)
+            } else {
+                b["calls"] == 1 && errors.is_empty()
+            };
+            !calls_ok || b["port"] != port
+        })
         .collect();
     assert!(
         bad.is_empty(),
-        "every bind should succeed at its first call and end on host port {port}; these did not (errno 4 is EINTR, 22 EINVAL, 98 EADDRINUSE):\n{}\nfull output:\n{}",
+        "every bind should succeed ({}) and end on host port {port}; these did not (errno 4 is EINTR, 22 EINVAL: a socket handed twice, 98 EADDRINUSE):\n{}\nfull output:\n{}",
+        if eintr_allowed { "after EINTRs only" } else { "at its first call" },
         bad.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n"),
         server.context()
     );
@@ -1094,14 +1106,17 @@ fn binds_under_a_signal_storm(mode: &str) {
 
 #[test]
 fn binds_interrupted_by_signals_with_sa_restart_succeed_once_each() {
-    binds_under_a_signal_storm("restart");
+    binds_under_a_signal_storm("restart", false);
 }
 
-/// Python installs its handlers without SA_RESTART, and its bind() does not retry on EINTR: on the
-/// host bind() never fails with EINTR, so under lowport it must not either.
+/// Python installs its handlers without SA_RESTART. A signal that arrives while a stopped bind
+/// waits for lowport, before lowport has read it, makes the kernel end the call with EINTR (after
+/// the read, WAIT_KILLABLE_RECV keeps it waiting); on the host bind() never does. What lowport
+/// guarantees: the call that fails did nothing (no socket handed, so the retry is not EINVAL), and
+/// a retry succeeds on the host port. docs/usage.md says so.
 #[test]
-fn binds_interrupted_by_signals_without_sa_restart_succeed_once_each() {
-    binds_under_a_signal_storm("default");
+fn binds_interrupted_by_signals_without_sa_restart_fail_only_with_eintr_and_retry_cleanly() {
+    binds_under_a_signal_storm("default", true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1480,4 +1495,101 @@ fn lowport_keeps_no_copy_of_a_handed_over_socket() {
     launch.wait();
     assert!(host_listeners(Proto::Tcp, '4', port).is_empty());
     assert!(std::net::TcpListener::bind(("0.0.0.0", port)).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions found by attacking the handoff as a hostile server
+// ---------------------------------------------------------------------------------------------
+
+/// Binds `[::]:80` dual-stack with SO_REUSEPORT (the fresh-socket path) and reports IPV6_V6ONLY.
+const DUAL_STACK_REUSEPORT: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 80))
+s.listen(8)
+print("v6only %d port %d" % (s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), s.getsockname()[1]), flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(("%s\n" % peer[0]).encode())
+    c.close()
+"#;
+
+/// With only `[::]` published, a server asking for a dual-stack socket must not get the host's IPv4
+/// wildcard too: the socket it gets is IPv6-only, and 127.0.0.1 on that port stays unserved.
+#[test]
+fn a_dual_stack_bind_never_takes_an_unpublished_ipv4_wildcard() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let dir = TempDir::new("v6only", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "[::]:0:80"],
+        &python(&dir, "dual.py", DUAL_STACK_REUSEPORT),
+    ));
+    let port = server.port();
+    server.out.wait_for(&format!("v6only 1 port {port}\n"));
+    let v6 = read_reply(connect_from("::1", format!("[::1]:{port}").parse().unwrap()).unwrap());
+    assert_eq!(v6, "::1\n");
+    assert_server_listens(&server, Proto::Tcp, '6', port);
+    assert!(
+        host_listeners(Proto::Tcp, '4', port).is_empty(),
+        "nothing may listen on 0.0.0.0:{port}: {:?}",
+        host_listeners(Proto::Tcp, '4', port)
+    );
+    let refused = TcpStream::connect(("127.0.0.1", port));
+    assert!(
+        refused.is_err(),
+        "an IPv4 client reached the server through an unpublished address"
+    );
+}
+
+/// Binds 0.0.0.0:80, then [::]:80 dual-stack, which fails with EADDRINUSE as on the host; waits.
+const FAILED_DUAL_BIND: &str = r#"
+import socket, time
+a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+a.bind(("0.0.0.0", 80)); a.listen(8)
+b = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+try:
+    b.bind(("::", 80)); print("dual bind ok", flush=True)
+except OSError as e:
+    print("dual bind errno %d" % e.errno, flush=True)
+time.sleep(60)
+"#;
+
+/// A fresh bind that the host refuses leaves the port's other family reserved and refusing, not
+/// listening with nobody to accept (a client there would hang) and not free for another program.
+#[test]
+fn a_refused_fresh_bind_leaves_the_port_reserved_and_refusing() {
+    if !require(has_ipv6(), "IPv6 on loopback") {
+        return;
+    }
+    let dir = TempDir::new("faileddual", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "0:80"],
+        &python(&dir, "failed.py", FAILED_DUAL_BIND),
+    ));
+    let port = server.port();
+    server.out.wait_for("dual bind errno 98\n");
+    let started = std::time::Instant::now();
+    let v6 = TcpStream::connect_timeout(
+        &format!("[::1]:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        v6.is_err() && started.elapsed() < Duration::from_secs(2),
+        "an IPv6 client must be refused at once: {v6:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        std::net::TcpListener::bind(format!("[::]:{port}")).is_err(),
+        "the IPv6 host port must stay reserved"
+    );
+    assert!(host_listeners(Proto::Tcp, '6', port).is_empty());
 }
