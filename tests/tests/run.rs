@@ -88,8 +88,8 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
             );
         }
     }
-    // Of lowport's threads, only the handoff thread keeps a capability: CAP_SYS_PTRACE (bit 19), in
-    // lowport's own user namespace, to read the server's bind.
+    // Of lowport's threads, only the handoff thread and its memory reader keep a capability:
+    // CAP_SYS_PTRACE (bit 19), in lowport's own user namespace, to read the server's bind.
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -103,7 +103,7 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
                 .trim()
                 .to_owned()
         };
-        let want = if field("Name:") == "lowport-handoff" {
+        let want = if ["lowport-handoff", "lowport-reader"].contains(&field("Name:").as_str()) {
             "0000000000080000"
         } else {
             "0000000000000000"
