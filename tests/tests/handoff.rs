@@ -6,7 +6,7 @@
 //! - the server sees each client's real address (127.0.0.9 and ::1) and the host port as its own.
 //!
 //! And that the fallbacks keep working: `--forward relay`, a nested lowport, a host port that needed
-//! privilege, a 32-bit server, a client that arrives before the server binds.
+//! privilege, a 32-bit server, an io_uring bind, a client that arrives before the server binds.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
@@ -1390,6 +1390,235 @@ fn a_32_bit_server_is_relayed() {
         connect_from("127.0.0.9", ([127, 0, 0, 1], port).into()).ok()
     }));
     assert_eq!(reply, "hello from i386\n");
+    assert_lowport_listens(&server, Proto::Tcp, '4', port);
+}
+
+/// A server that binds 0.0.0.0:80 with io_uring's IORING_OP_BIND (Linux 6.11) instead of bind(2),
+/// through the raw io_uring_setup and io_uring_enter system calls and the rings mapped by hand (no
+/// liburing). It prints the port its socket got, then listen()s and answers each client with a line
+/// holding the client's address, and waits for the client to close. With the argument `probe` it
+/// only tries IORING_OP_BIND on 127.0.0.1:0, where it runs, and says how that went.
+const URING_SERVER: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <linux/io_uring.h>
+
+#ifndef __NR_io_uring_setup
+#define __NR_io_uring_setup 425
+#endif
+#ifndef __NR_io_uring_enter
+#define __NR_io_uring_enter 426
+#endif
+/* enum io_uring_op: IORING_OP_BIND is 56 and IORING_OP_LISTEN 57 since Linux 6.11; older headers
+   do not name them. */
+#define OP_BIND 56
+
+static const char *stage = "";
+
+#define U32(base, off) ((unsigned *)((char *)(base) + (off)))
+
+/* Binds `fd` to `addr` with one IORING_OP_BIND: 0, or minus the errno of the step named by `stage`. */
+static int uring_bind(int fd, const struct sockaddr_in *addr) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    stage = "io_uring_setup";
+    int ring = syscall(__NR_io_uring_setup, 4, &p);
+    if (ring < 0) return -errno;
+    stage = "mmap";
+    size_t sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    size_t sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    void *sq = mmap(0, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQ_RING);
+    void *cq = mmap(0, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_CQ_RING);
+    struct io_uring_sqe *sqes = mmap(0, sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) return -errno;
+
+    unsigned tail = *U32(sq, p.sq_off.tail);
+    unsigned index = tail & *U32(sq, p.sq_off.ring_mask);
+    struct io_uring_sqe *sqe = &sqes[index];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = OP_BIND;
+    sqe->fd = fd;
+    sqe->addr = (unsigned long)addr;     /* the address */
+    sqe->addr2 = sizeof *addr;           /* its length */
+    U32(sq, p.sq_off.array)[index] = index;
+    __atomic_store_n(U32(sq, p.sq_off.tail), tail + 1, __ATOMIC_RELEASE);
+
+    stage = "io_uring_enter";
+    if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) return -errno;
+    stage = "the completion queue";
+    unsigned head = *U32(cq, p.cq_off.head);
+    if (head == __atomic_load_n(U32(cq, p.cq_off.tail), __ATOMIC_ACQUIRE)) return -EIO;
+    struct io_uring_cqe *cqes = (struct io_uring_cqe *)((char *)cq + p.cq_off.cqes);
+    int res = cqes[head & *U32(cq, p.cq_off.ring_mask)].res;
+    __atomic_store_n(U32(cq, p.cq_off.head), head + 1, __ATOMIC_RELEASE);
+    stage = "IORING_OP_BIND";
+    munmap(sq, sq_len);
+    munmap(cq, cq_len);
+    munmap(sqes, sqes_len);
+    close(ring);
+    return res;
+}
+
+int main(int argc, char **argv) {
+    int probe = argc > 1 && strcmp(argv[1], "probe") == 0;
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(probe ? 0 : 80);
+    addr.sin_addr.s_addr = htonl(probe ? INADDR_LOOPBACK : INADDR_ANY);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    if (s < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) {
+        perror("socket");
+        return 2;
+    }
+    int r = uring_bind(s, &addr);
+    if (r < 0) {
+        printf("%s errno %d\n", stage, -r);
+        return 3;
+    }
+    if (probe) {
+        printf("IORING_OP_BIND ok\n");
+        return 0;
+    }
+    socklen_t len = sizeof addr;
+    getsockname(s, (struct sockaddr *)&addr, &len);
+    if (listen(s, 8) < 0) {
+        perror("listen");
+        return 4;
+    }
+    printf("bound port %d with io_uring\n", ntohs(addr.sin_port));
+    fflush(stdout);
+    for (;;) {
+        struct sockaddr_in peer;
+        socklen_t peer_len = sizeof peer;
+        int c = accept(s, (struct sockaddr *)&peer, &peer_len);
+        if (c < 0) continue;
+        char ip[INET_ADDRSTRLEN] = "?";
+        inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof ip);
+        printf("accepted %s\n", ip);
+        fflush(stdout);
+        dprintf(c, "%s\n", ip);
+        char buf[64];
+        while (read(c, buf, sizeof buf) > 0) {}
+        close(c);
+    }
+}
+"#;
+
+/// A bind done with io_uring's IORING_OP_BIND never reaches seccomp, so lowport, which planned a
+/// handoff for the port, never hears of it: it keeps the host socket and relays, and the server
+/// still sees each client's real address.
+#[test]
+fn an_io_uring_bind_is_relayed() {
+    let disabled = sysctl("kernel/io_uring_disabled").unwrap_or(0);
+    if !require(
+        disabled == 0,
+        &format!("io_uring open to unprivileged processes (sysctl kernel.io_uring_disabled is {disabled})"),
+    ) {
+        return;
+    }
+    let dir = TempDir::new("uring", None);
+    let source = dir.write("server.c", URING_SERVER);
+    let bin = dir.path().join("uring-server");
+    let built = Command::new("gcc")
+        .args(["-O1", "-Wall", "-o"])
+        .arg(&bin)
+        .arg(&source)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !require(
+        built,
+        "gcc and the Linux io_uring headers (linux/io_uring.h)",
+    ) {
+        return;
+    }
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Whether this kernel lets lowport's user bind with io_uring at all.
+    let probe = unprivileged_as(NOBODY, NOBODY, &bin)
+        .arg("probe")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the io_uring probe");
+    let said = String::from_utf8_lossy(&probe.stdout).into_owned();
+    let einval = format!("IORING_OP_BIND errno {}\n", libc::EINVAL);
+    if !require(
+        said != einval,
+        "Linux 6.11 or later: this kernel answers io_uring's IORING_OP_BIND with EINVAL",
+    ) {
+        return;
+    }
+    let setup_refused = [libc::ENOSYS, libc::EPERM]
+        .iter()
+        .any(|e| said == format!("io_uring_setup errno {e}\n"));
+    if !require(
+        !setup_refused,
+        &format!("io_uring_setup to work for uid {NOBODY}: {}", said.trim()),
+    ) {
+        return;
+    }
+    assert!(
+        probe.status.success() && said == "IORING_OP_BIND ok\n",
+        "the io_uring probe: {said}{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "127.0.0.1:0:80"],
+        &[bin.display().to_string()],
+    ));
+    let port = server.port();
+    // lowport planned a handoff...
+    assert_eq!(
+        server.modes(),
+        ["tcp 127.0.0.1 handoff"],
+        "{}",
+        server.context()
+    );
+    // ...but never saw the bind: the server's socket is port 80 of its own namespace, not the host's.
+    server.out.wait_for("with io_uring\n");
+    assert!(
+        server.out.text().contains("bound port 80 with io_uring\n"),
+        "the io_uring bind was handed a host socket\n{}",
+        server.context()
+    );
+    assert_lowport_listens(&server, Proto::Tcp, '4', port);
+    let ours = server.server_pids();
+    for e in host_listeners(Proto::Tcp, '4', port) {
+        assert!(
+            e.pids().is_disjoint(&ours),
+            "the server ({ours:?}) holds host socket {}: {:?}\n{}",
+            e.local,
+            e.users,
+            server.context()
+        );
+    }
+    // The client is served through the relay, and the server sees its real address.
+    let client = eventually("the io_uring server to accept", || {
+        connect_from("127.0.0.9", ([127, 0, 0, 1], port).into()).ok()
+    });
+    let mut line = String::new();
+    BufReader::new(&client)
+        .read_line(&mut line)
+        .expect("a line from the server");
+    assert_eq!(line, "127.0.0.9\n", "{}", server.context());
+    assert!(
+        !relayed_sockets(&server.launch).is_empty(),
+        "lowport relays the open connection\n{}",
+        server.context()
+    );
+    server.out.wait_for("accepted 127.0.0.9\n");
+    drop(client);
     assert_lowport_listens(&server, Proto::Tcp, '4', port);
 }
 
