@@ -1776,6 +1776,26 @@ fn a_dual_stack_bind_never_takes_an_unpublished_ipv4_wildcard() {
     );
 }
 
+/// Binds an IPv6-only TCP socket to `[::]:port` on the host, as another program could.
+fn v6only_bind(port: u16) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6};
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    let any = SockaddrIn6::from(std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        port,
+        0,
+        0,
+    ));
+    nix::sys::socket::bind(fd.as_raw_fd(), &any)?;
+    Ok(fd)
+}
+
 /// Binds 0.0.0.0:80, then [::]:80 dual-stack, which fails with EADDRINUSE as on the host; waits.
 const FAILED_DUAL_BIND: &str = r#"
 import socket, time
@@ -1816,9 +1836,12 @@ fn a_refused_fresh_bind_leaves_the_port_reserved_and_refusing() {
         "an IPv6 client must be refused at once: {v6:?} after {:?}",
         started.elapsed()
     );
+    // IPv6-only: a dual-stack bind would collide with the server's own 0.0.0.0 socket and fail
+    // even with the IPv6 port free.
+    let other = v6only_bind(port);
     assert!(
-        std::net::TcpListener::bind(format!("[::]:{port}")).is_err(),
-        "the IPv6 host port must stay reserved"
+        other.is_err(),
+        "the IPv6 host port must stay reserved: another program bound [::]:{port} (IPv6-only)"
     );
     assert!(host_listeners(Proto::Tcp, '6', port).is_empty());
 }
