@@ -515,8 +515,16 @@ fn access_log(dir: &TempDir) -> String {
 fn nginx_serves_on_the_host_sockets(server: &Server, dir: &TempDir) {
     let port = server.port();
     assert_eq!(get_v4(port), "nginx handed\n");
+    // nginx writes the log line after the response has gone out.
+    let logged = |line: String| {
+        let deadline = Instant::now() + PATIENCE;
+        while !access_log(dir).contains(&line) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        access_log(dir).contains(&line)
+    };
     assert!(
-        access_log(dir).contains(&format!("127.0.0.9 {port}\n")),
+        logged(format!("127.0.0.9 {port}\n")),
         "nginx's access log should show 127.0.0.9 and the host port {port}:\n{}\n{}",
         access_log(dir),
         server.context()
@@ -530,7 +538,7 @@ fn nginx_serves_on_the_host_sockets(server: &Server, dir: &TempDir) {
     if has_ipv6() {
         assert_eq!(get_v6(port), "nginx handed\n");
         assert!(
-            access_log(dir).contains(&format!("::1 {port}\n")),
+            logged(format!("::1 {port}\n")),
             "nginx's access log should show ::1 and the host port {port}:\n{}",
             access_log(dir)
         );
@@ -699,6 +707,13 @@ fn iperf3_server_measures_on_the_host_socket() {
         assert_eq!(code, 0, "iperf3 {args:?}: {out}{err}\n{}", server.context());
     };
     let p = port.to_string();
+    // iperf3 closes its listening socket after each test and binds again (a fresh host socket each
+    // time): wait for its n-th "Server listening" before the next client.
+    let listening = |n: usize| {
+        eventually("iperf3 to listen again", || {
+            (server.out.text().matches("Server listening on 80").count() >= n).then_some(())
+        })
+    };
     run(&["-c", "127.0.0.9", "-B", "127.0.0.9", "-p", &p, "-t", "1"]);
     server.out.wait_for("Accepted connection from ");
     let text = server.out.text();
@@ -707,6 +722,7 @@ fn iperf3_server_measures_on_the_host_socket() {
         "iperf3 should see 127.0.0.9 on its local port {p} (the host's):\n{text}"
     );
     if has_ipv6() {
+        listening(2);
         run(&["-c", "::1", "-p", &p, "-t", "1"]);
         eventually("iperf3 to log the IPv6 client", || {
             server
@@ -716,6 +732,7 @@ fn iperf3_server_measures_on_the_host_socket() {
                 .then_some(())
         });
     }
+    listening(if has_ipv6() { 3 } else { 2 });
     assert_server_listens(&server, Proto::Tcp, family, port);
     assert_lowport_holds_no_copy(&server, Proto::Tcp, family, port);
     assert!(
