@@ -329,6 +329,8 @@ pub struct Handoff {
     factory: Factory,
     /// The inode of lowport's network namespace: only binds made in it are answered.
     netns: u64,
+    /// The inode of lowport's user namespace, whose CAP_NET_BIND_SERVICE low ports inside need.
+    userns: u64,
     /// The last sockets handed over (their inodes), so that a bind restarted after an interrupted
     /// answer is answered 0 again rather than handed a second socket.
     handed: VecDeque<u64>,
@@ -339,6 +341,7 @@ pub struct Handoff {
 impl Handoff {
     pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Factory) -> io::Result<Handoff> {
         let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+        let userns = std::fs::metadata("/proc/thread-self/ns/user")?.ino();
         if let Err(err) = sys::notif_sync_wakeup(listener.as_fd()) {
             debug!(
                 ?err,
@@ -350,6 +353,7 @@ impl Handoff {
             ports,
             factory,
             netns,
+            userns,
             handed: VecDeque::new(),
             reader: Reader::default(),
             warned: false,
@@ -543,6 +547,16 @@ impl Handoff {
         let Some(targets) = targets(&self.ports, protocol, asked.addr, state.v6only) else {
             return Answer::Continue;
         };
+        // The namespace's own rule for low ports (`--port-start`): the kernel would check it at bind
+        // time, after this answer; let the bind through, and the kernel refuses it as it should.
+        if !self.may_bind(tid, asked.addr.port()) {
+            debug!(
+                tid,
+                port = asked.addr.port(),
+                "below the namespace's ip_unprivileged_port_start, without CAP_NET_BIND_SERVICE"
+            );
+            return Answer::Continue;
+        }
         if let Some(&i) = targets.iter().find(|&&i| !self.ports[i].eligible) {
             debug!(port = %self.ports[i].addr, "host port needed privilege; it stays relayed");
             return Answer::Continue;
@@ -641,6 +655,30 @@ impl Handoff {
                 }
             }
         }
+    }
+
+    /// Whether thread `tid` may bind `port` in lowport's network namespace: ports below its
+    /// `ip_unprivileged_port_start` need CAP_NET_BIND_SERVICE in lowport's user namespace (a thread
+    /// of a user namespace of its own has none there).
+    fn may_bind(&self, tid: i32, port: u16) -> bool {
+        // Read each time: root inside may change it.
+        let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(1024);
+        if port >= start {
+            return true;
+        }
+        let same_userns =
+            std::fs::metadata(format!("/proc/{tid}/ns/user")).is_ok_and(|m| m.ino() == self.userns);
+        let effective = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|status| {
+                let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(hex.trim(), 16).ok()
+            })
+            .unwrap_or(0);
+        same_userns && effective & (1 << caps::Capability::CAP_NET_BIND_SERVICE.index()) != 0
     }
 
     /// Binds a fresh socket to a released port's address again, not listening, so that no other

@@ -35,8 +35,9 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Publish a host port: listen on HOST_IP:HOST_PORT on the host (every IPv4 and IPv6 address when
-    /// HOST_IP is left out) and relay each connection to PORT inside. HOST_PORT 0 picks a free port.
-    /// IPv6 addresses go in brackets: [::1]:8080:80. Repeatable.
+    /// HOST_IP is left out) for the server's PORT inside: the server gets the host socket when it
+    /// binds PORT, or lowport relays each connection to PORT (see --forward). HOST_PORT 0 picks a
+    /// free port. IPv6 addresses go in brackets: [::1]:8080:80. Repeatable.
     #[arg(
         short = 'p',
         long = "publish",
@@ -56,28 +57,29 @@ struct RunArgs {
     port_start: u16,
 
     /// Once every host socket listens and the command has started, write one JSON line to this open
-    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port"}]}
+    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port","mode"}]},
+    /// where mode is handoff, relay or activation
     #[arg(long, value_name = "FD")]
     ready_fd: Option<RawFd>,
 
-    /// The most relayed TCP connections at once, over all published ports; beyond it new clients wait
+    /// Relayed ports only: the most relayed TCP connections at once, over all published ports; beyond it new clients wait
     /// in the host socket's backlog. Default: what the open-file limit allows (six descriptors per
     /// connection), at most 16384. A limit the open-file limit cannot hold is refused
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
 
-    /// Close a relayed TCP connection that one side has closed (half-closed) once no byte has moved
+    /// Relayed ports only: close a relayed TCP connection that one side has closed (half-closed) once no byte has moved
     /// either way for this long, so clients that never close cannot hold connection slots for ever
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     half_closed_timeout: Duration,
 
-    /// The most UDP flows (client addresses) relayed at once, over all published UDP ports; at the
+    /// Relayed ports only: the most UDP flows (client addresses) relayed at once, over all published UDP ports; at the
     /// limit the least recently used flow is closed to make room. Default: an eighth of what the
     /// open-file limit allows, at most 4096
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_udp_flows: Option<u32>,
 
-    /// Do not relay from each client's own address: the server then sees clients on the host's loopback
+    /// Relayed ports only: do not relay from each client's own address: the server then sees clients on the host's loopback
     /// as 127.0.0.1 or ::1 and every other client as 192.0.0.8 or 64:ff9b::c000:8 (by default it sees
     /// the real address and port, over TCP and UDP)
     #[arg(long)]
@@ -85,7 +87,7 @@ struct RunArgs {
 
     /// How published ports reach COMMAND. `handoff`: when COMMAND binds a published port (on 0.0.0.0 or
     /// [::]), lowport answers the bind with the host socket itself, so the server accepts host clients
-    /// directly, at native speed and with their real addresses, and lowport relays nothing (its
+    /// directly, at native speed and with their real addresses, and lowport relays nothing (the server's
     /// getsockname() then shows the host address and port). `relay`: lowport accepts on the host and
     /// relays each connection to PORT inside. `auto` hands off where this kernel (5.9 or later) and the
     /// port allow it and relays otherwise: host ports that needed privilege, binds lowport cannot see
@@ -99,7 +101,7 @@ struct RunArgs {
     #[arg(long)]
     socket_activation: bool,
 
-    /// Close a UDP flow after this long without a datagram either way (e.g. 60, 90s, 500ms, 5m)
+    /// Relayed ports only: close a UDP flow after this long without a datagram either way (e.g. 60, 90s, 500ms, 5m)
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     udp_timeout: Duration,
 

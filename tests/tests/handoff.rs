@@ -1862,3 +1862,42 @@ fn a_refused_fresh_bind_leaves_the_port_reserved_and_refusing() {
     );
     assert!(host_listeners(Proto::Tcp, '6', port).is_empty());
 }
+
+/// Binds 0.0.0.0:80 as uid 33 and reports the outcome; then, as root inside, reports again.
+const PORT_START: &str = r#"
+import os, socket
+def attempt(who):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("0.0.0.0", 80)); print("%s bound %d" % (who, s.getsockname()[1]), flush=True)
+    except OSError as e:
+        print("%s errno %d" % (who, e.errno), flush=True)
+    s.close()
+pid = os.fork()
+if pid == 0:
+    os.setgid(33); os.setuid(33)
+    attempt("uid33")
+    os._exit(0)
+os.waitpid(pid, 0)
+attempt("root")
+"#;
+
+/// `--port-start` keeps its meaning with handoff: lowport answers a bind before the kernel checks
+/// the namespace's ip_unprivileged_port_start, so it checks it itself. A uid without
+/// CAP_NET_BIND_SERVICE inside gets EACCES for port 80, as with the relay; root inside gets the
+/// host socket.
+#[test]
+fn port_start_still_applies_to_handed_ports() {
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    let dir = TempDir::new("portstart", Some((uid, gid)));
+    let server = Server::start(lowport_run(
+        Some((uid, gid)),
+        &["--userns", "subids", "--port-start", "1024", "-p", "0:80"],
+        &python(&dir, "portstart.py", PORT_START),
+    ));
+    let port = server.port();
+    server.out.wait_for("uid33 errno 13\n");
+    server.out.wait_for(&format!("root bound {port}\n"));
+}
