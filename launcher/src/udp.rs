@@ -509,13 +509,27 @@ async fn replies(relay: Arc<Relay>, inner: Arc<UdpSocket>, peer: SocketAddr, las
         if wait.is_zero() {
             return;
         }
-        match tokio::time::timeout(wait, inner.readable()).await {
+        // ERROR too: the kernel's "port unreachable" for a datagram sent inside sets a pending
+        // error on the socket, and no datagram ever makes it readable.
+        let ready = inner.ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR);
+        match tokio::time::timeout(wait, ready).await {
             Err(_) => continue, // re-check: a datagram from the client may have renewed the flow
             Ok(Err(err)) => {
                 debug!(%peer, ?err, "UDP flow failed");
                 return;
             }
-            Ok(Ok(())) => {}
+            Ok(Ok(ready)) if ready.is_error() => match inner.take_error() {
+                Ok(Some(err)) if err.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    debug!(%peer, "nothing listens on the UDP port inside; closing the flow");
+                    return;
+                }
+                Ok(Some(err)) => {
+                    debug!(%peer, ?err, "UDP flow failed");
+                    return;
+                }
+                Ok(None) | Err(_) => {}
+            },
+            Ok(Ok(_)) => {}
         }
         let outcome = REPLY_BUFFER.with(|buf| {
             let mut buf = buf.borrow_mut();

@@ -302,6 +302,74 @@ fn tcp_and_udp_share_one_port_number() {
     drop(launch);
 }
 
+/// The kernel's "port unreachable" for the first datagram closes the flow at once, not after
+/// `--udp-timeout`: the next datagram opens a fresh flow, which finds the server once it listens.
+#[test]
+fn a_udp_flow_to_a_port_where_nothing_listens_is_closed_at_once() {
+    // demo-server without --udp-echo: nothing listens on UDP port 53 inside.
+    let mut cmd = lowport();
+    cmd.args([
+        "--log-level",
+        "debug",
+        "run",
+        "--forward",
+        "relay",
+        "--udp-timeout",
+        "60s",
+    ])
+    .args([
+        "-p",
+        "127.0.0.1:0:80",
+        "-p",
+        "127.0.0.1:0:53/udp",
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .arg(demo_server_bin());
+    let mut launch = Launch::start(cmd);
+    let stderr = launch
+        .child
+        .stderr
+        .take()
+        .expect("lowport's stderr is piped");
+    let (lines, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_healthy(launch.addr());
+    let udp_port = launch
+        .ports
+        .iter()
+        .find(|p| p.protocol == "udp")
+        .expect("the UDP port")
+        .host_port;
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"x", ("127.0.0.1", udp_port)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("UDP flow closed")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "the flow was not closed within 10 s (--udp-timeout is 60 s):\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("nothing listens on the UDP port inside")),
+        "{}",
+        seen.join("\n")
+    );
+}
+
 #[test]
 fn idle_udp_flows_are_closed_after_the_timeout() {
     let launch = launch(
