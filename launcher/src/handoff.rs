@@ -169,6 +169,7 @@ impl Port {
 #[derive(Debug)]
 pub struct Factory {
     sock: OwnedFd,
+    pid: nix::unistd::Pid,
 }
 
 impl Factory {
@@ -191,8 +192,16 @@ impl Factory {
                 }
                 sys::exit_now(factory_main(&theirs))
             }
-            nix::unistd::ForkResult::Parent { .. } => Ok(Factory { sock: ours }),
+            nix::unistd::ForkResult::Parent { child } => Ok(Factory {
+                sock: ours,
+                pid: child,
+            }),
         }
+    }
+
+    /// The factory's pid, for [`Reaper`].
+    pub fn pid(&self) -> nix::unistd::Pid {
+        self.pid
     }
 
     /// The factory's socket, which the other processes lowport forks must close.
@@ -217,6 +226,18 @@ impl Factory {
             (4, None) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(answer))),
             _ => Err(io::Error::other("the host socket factory has stopped")),
         }
+    }
+}
+
+/// Kills and reaps the factory when dropped, so that no zombie of it outlives lowport (an init that
+/// does not reap would keep it, and it would count against the user's process limit).
+#[derive(Debug)]
+pub struct Reaper(pub nix::unistd::Pid);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.0, None);
     }
 }
 

@@ -220,7 +220,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let factory = if handing {
         let factory = Factory::spawn(&own_fds).map_err(|e| {
             if e.raw_os_error() == Some(libc::EAGAIN) {
-                LaunchError::Init(InitError::ProcessLimit(e))
+                LaunchError::Resources(format!(
+                    "cannot start the host socket factory (for socket handoff): {e} (the limit on this user's processes and threads, ulimit -u, is reached: raise it, or stop some of this user's processes)"
+                ))
             } else {
                 LaunchError::io("start the host socket factory")(e)
             }
@@ -230,6 +232,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     } else {
         None
     };
+    let _factory_reaper = factory.as_ref().map(|f| handoff::Reaper(f.pid()));
     let helper = match &plan {
         Plan::Subids(p) => Some(MapHelper::spawn(p, &own_fds)?),
         Plan::Single { .. } => None,
@@ -292,13 +295,16 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map_err(|e| LaunchError::io("make the process non-dumpable")(e.into()))?;
     let started = init::start(&command, &forwarded, &close_in_helper)?;
     debug!(init = %started.init, child = started.child_pid, "command started");
+    // Any failure from here on stops the command's processes and reaps them.
+    let mut command_guard = CommandGuard {
+        init: Some(started.init),
+    };
     let listener = match listener_pair {
         Some((ours, theirs)) => {
             drop(theirs);
             match init::receive_listener(&ours) {
                 Ok(listener) => Some(listener),
                 Err(err) if config.forward == handoff::Mode::Handoff => {
-                    stop_command(&started);
                     return Err(LaunchError::Usage(format!(
                         "--forward handoff: the kernel refused a seccomp listener for the command ({err}{}); use --forward relay (or auto, which relays then)",
                         if err.raw_os_error() == Some(libc::EBUSY) {
@@ -371,7 +377,6 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             .name("lowport-handoff".into())
             .spawn(move || handoff.run())
             .map_err(|err| {
-                stop_command(&started);
                 LaunchError::Resources(format!(
                     "cannot start lowport's handoff thread: {err}; the command was stopped (the limit on this user's processes and threads, ulimit -u, may be reached)"
                 ))
@@ -383,6 +388,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let status = runtime.block_on(supervise(
         config, limits, sockets, controls, modes, started, signals,
     ))?;
+    // The helper has exited and was reaped: its pid may belong to another process now.
+    command_guard.init = None;
     runtime.shutdown_background();
     Ok(status)
 }
@@ -682,11 +689,21 @@ fn host_port_start(proc_sys: &std::path::Path) -> u16 {
         .unwrap_or(1024)
 }
 
-/// Kills the command's process tree (through its pid-1 helper) and reaps it, after a failure that
-/// came once it had started.
-fn stop_command(started: &Started) {
-    let _ = nix::sys::signal::kill(started.init, Signal::SIGKILL);
-    let _ = nix::sys::wait::waitpid(started.init, None);
+/// Kills the command's process tree (through its pid-1 helper) and reaps it when dropped with a
+/// pid, after a failure that came once the command had started: the kernel kills the rest of the pid
+/// namespace with its pid 1. (The helper would die with lowport anyway, but only a reaped child
+/// leaves no zombie behind an init that does not reap.)
+struct CommandGuard {
+    init: Option<nix::unistd::Pid>,
+}
+
+impl Drop for CommandGuard {
+    fn drop(&mut self) {
+        if let Some(init) = self.init {
+            let _ = nix::sys::signal::kill(init, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(init, None);
+        }
+    }
 }
 
 fn read_one(fd: &SignalFd) -> io::Result<nix::sys::signalfd::siginfo> {

@@ -688,9 +688,14 @@ fn too_few_processes_is_a_message_not_a_panic() {
         return;
     }
     let uid = unused_uid();
-    for nproc in 1..=6u64 {
+    // Without -p, and with a port to hand off (the host socket factory, the handoff thread).
+    for (nproc, publish) in (1..=7u64).flat_map(|n| [(n, false), (n, true)]) {
         let mut cmd = unprivileged_as(uid, uid, &lowport_bin());
-        cmd.args(["run", "--userns", "single", "--", "true"]);
+        cmd.args(["run", "--userns", "single"]);
+        if publish {
+            cmd.args(["-p", "127.0.0.1:0:80"]);
+        }
+        cmd.args(["--", "true"]);
         // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec; the limit
         // binds once setpriv has switched to `uid`.
         unsafe {
@@ -708,6 +713,21 @@ fn too_few_processes_is_a_message_not_a_panic() {
             );
             assert!(has_lowport_message(&err), "nproc {nproc}: {err}");
         }
+        // Nothing of the run is left, not even a zombie: lowport reaps what it started, also when it
+        // fails (an init that does not reap would keep them, counted against the limit).
+        let left: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                proc_status_field(*pid, "Uid")
+                    .is_some_and(|u| u.split_whitespace().next() == Some(&uid.to_string()))
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "nproc {nproc}, -p {publish}: processes of uid {uid} left: {left:?}"
+        );
     }
 }
 
