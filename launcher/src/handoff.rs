@@ -582,14 +582,18 @@ impl Handoff {
             debug!(port = %self.ports[i].addr, "host port needed privilege; it stays relayed");
             return Answer::Continue;
         }
-        // The host address the socket is bound to: the IPv6 one of a dual-stack pair.
-        let main = targets
-            .iter()
-            .copied()
-            .find(|&i| self.ports[i].addr.is_ipv6() == asked.addr.is_ipv6())
-            .expect("targets hold the asked family");
-        let host_addr = self.ports[main].addr;
-        let reuse_reserved = targets.len() == 1
+        // The host address the socket is bound to: the IPv6 one of a dual-stack pair, or for an IPv6
+        // socket and an IPv4 address alone, that address mapped (::ffff:a.b.c.d).
+        let main = targets[0];
+        let mapped = asked.addr.is_ipv6() && self.ports[main].addr.is_ipv4();
+        let host_addr = match self.ports[main].addr {
+            SocketAddr::V4(v4) if mapped => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            addr => addr,
+        };
+        let reuse_reserved = !mapped
+            && targets.len() == 1
             && self.ports[main].reserved.is_some()
             && !state.reuseport
             && state.protocol != libc::IPPROTO_MPTCP;
@@ -844,6 +848,12 @@ fn targets(
             .collect()
     };
     let own = matching(asked.is_ipv6());
+    if own.is_empty() && asked.is_ipv6() && !v6only {
+        // A dual-stack server and only an IPv4 host address (-p 127.0.0.1:8080:80): its IPv6 socket
+        // takes that address as ::ffff:a.b.c.d, which serves IPv4 alone.
+        let other = matching(false);
+        return (other.len() == 1).then_some(other);
+    }
     if own.len() != 1 {
         return None;
     }
@@ -990,8 +1000,13 @@ mod tests {
             targets(&ports, Protocol::Udp, "0.0.0.0:53".parse().unwrap(), false),
             Some(vec![2])
         );
+        // Dual stack, and only an IPv4 address for UDP 53: that address, mapped.
         assert_eq!(
             targets(&ports, Protocol::Udp, "[::]:53".parse().unwrap(), false),
+            Some(vec![2])
+        );
+        assert_eq!(
+            targets(&ports, Protocol::Udp, "[::]:53".parse().unwrap(), true),
             None
         );
     }

@@ -526,9 +526,9 @@ def listener_holders(port):
 
 def check_forwarding(setup, launch, ports):
     """With --forward handoff the server must hold the published host listener, with --forward relay
-    lowport (the launcher's own process). A bind that handoff cannot take over (iperf3's default
-    dual-stack [::] with a 127.0.0.1 publication, say) is relayed without a word: its figures would be
-    the relay's. Returns a note when the holders could not be read; raises when the check fails."""
+    lowport (the launcher's own process). A bind that handoff cannot take over (one lowport cannot see,
+    say) is relayed without a word: its figures would be the relay's. Returns a note when the holders
+    could not be read; raises when the check fails."""
     if not setup.forward:
         return None
     deadline = time.monotonic() + 2
@@ -773,11 +773,11 @@ def measure_rss(port, pids_fn, launch):
 
 
 def inner_script(demo, http_port, iperf_port):
-    # Same script everywhere: a generous open-file limit, iperf3 -s beside demo-server. iperf3 -s -4
-    # binds 0.0.0.0: its default, a dual-stack [::] socket, is not one handoff can give a 127.0.0.1
-    # publication (that port would be relayed); the clients are IPv4 in every setup.
+    # Same script everywhere: a generous open-file limit, iperf3 -s beside demo-server. iperf3 binds
+    # its default dual-stack [::] socket; under handoff it gets the 127.0.0.1 publication as
+    # [::ffff:127.0.0.1]. The clients are IPv4 in every setup.
     lim = 'ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"'
-    iperf = f"iperf3 -s -4 -p {iperf_port} >/dev/null 2>&1 & " if iperf_port else ""
+    iperf = f"iperf3 -s -p {iperf_port} >/dev/null 2>&1 & " if iperf_port else ""
     return f"{lim}; {iperf}exec {demo} --port {http_port}"
 
 
@@ -1428,11 +1428,11 @@ def write_markdown(path, rows, info, results, notes, png_name):
     L.append(
         "- **Setups.** *direct loopback*: iperf3 -s and demo-server on the host, the client straight to "
         "them (the baseline). *lowport handoff*: `lowport run --forward handoff -p 127.0.0.1:H:80 "
-        "-p 127.0.0.1:H2:5201 -- sh -c 'iperf3 -s -4 -p 5201 & exec demo-server --port 80'`: when a server "
+        "-p 127.0.0.1:H2:5201 -- sh -c 'iperf3 -s -p 5201 & exec demo-server --port 80'`: when a server "
         "binds a published port's wildcard address, lowport hands it the host socket (seccomp user "
         "notification and ADDFD), and the server accepts the host's clients itself, no relay; demo-server "
-        "is the unmodified release build. iperf3 runs with `-4` in every setup: its default dual-stack "
-        "`[::]` socket is not one a 127.0.0.1 publication can be handed to, and would be relayed. After "
+        "is the unmodified release build, and iperf3 the Debian package as it is (its dual-stack `[::]` "
+        "socket gets the 127.0.0.1 publication as `[::ffff:127.0.0.1]`). After "
         "start-up the harness checks in /proc that the host listeners are held by the servers, not by "
         "lowport (and by lowport in the relay setups), and fails the setup otherwise. *lowport relay*: "
         "the same with `--forward relay` (the default, `--forward auto`, would hand off), client addresses "

@@ -1901,3 +1901,31 @@ fn port_start_still_applies_to_handed_ports() {
     server.out.wait_for("uid33 errno 13\n");
     server.out.wait_for(&format!("root bound {port}\n"));
 }
+
+/// A dual-stack server (Go, Node, Java, iperf3 bind `[::]` so) and an IPv4 host address alone
+/// (`-p 127.0.0.1:H:80`): its IPv6 socket gets that address as `::ffff:127.0.0.1`, which serves
+/// IPv4 alone, and the family stays the one it asked for.
+#[test]
+fn a_dual_stack_server_takes_an_ipv4_only_host_address_as_mapped() {
+    let dir = TempDir::new("mapped", None);
+    let server = Server::start(lowport_run(
+        None,
+        &["-p", "127.0.0.1:0:80"],
+        &python(&dir, "dual.py", DUAL_STACK),
+    ));
+    let port = server.port();
+    server.out.wait_for(&format!("listening on port {port}\n"));
+    let reply = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 1], port).into()).unwrap());
+    assert_eq!(
+        reply,
+        format!("::ffff:127.0.0.9 {port}\n"),
+        "{}",
+        server.context()
+    );
+    assert_server_listens(&server, Proto::Tcp, '6', port);
+    assert_lowport_holds_no_copy(&server, Proto::Tcp, '6', port);
+    assert!(
+        TcpStream::connect(("127.0.0.9", port)).is_err(),
+        "only the published address, 127.0.0.1, may be served"
+    );
+}
