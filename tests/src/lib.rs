@@ -617,3 +617,43 @@ pub fn relayed_sockets(launch: &Launch) -> Vec<TcpEntry> {
         .filter(|s| s.state != TCP_LISTEN && held.contains(&s.inode) && seen.insert(s.inode))
         .collect()
 }
+
+/// A directory that the test removes when it ends, however it ends.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory that every uid may read and search, owned by `owner` (uid, gid) when given.
+    pub fn new(tag: &str, owner: Option<(u32, u32)>) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("lowport-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if let (Some((uid, gid)), true) = (owner, is_root()) {
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .unwrap();
+        }
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file every uid may read.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

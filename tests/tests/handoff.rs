@@ -27,51 +27,6 @@ const PYTHON: &str = "/usr/bin/python3";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A directory that the test removes when it ends, however it ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory that every uid may read and search, owned by `owner` (uid, gid) when given.
-    fn new(tag: &str, owner: Option<(u32, u32)>) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("lowport-handoff-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        if let (Some((uid, gid)), true) = (owner, is_root()) {
-            chown(&dir, uid, gid);
-        }
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes a file every uid may read.
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn chown(path: &Path, uid: u32, gid: u32) {
-    nix::unistd::chown(
-        path,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    )
-    .unwrap();
-}
-
 fn tool(paths: &[&'static str]) -> Option<&'static str> {
     paths.iter().copied().find(|p| Path::new(p).exists())
 }
@@ -439,6 +394,14 @@ fn python(script_dir: &TempDir, name: &str, script: &str) -> Vec<String> {
 }
 
 /// lowport as the caller `who` (uid 65534 by default), `run -p PUBLISH OPTIONS --ready-fd 3 -- COMMAND`.
+/// A Python server from `script` (saved as `name` in a directory of its own, removed with the
+/// returned guard) under `lowport run OPTIONS`, as uid 65534.
+fn python_server(tag: &str, options: &[&str], name: &str, script: &str) -> (TempDir, Server) {
+    let dir = TempDir::new(tag, None);
+    let server = Server::start(lowport_run(None, options, &python(&dir, name, script)));
+    (dir, server)
+}
+
 fn lowport_run(who: Option<(u32, u32)>, options: &[&str], command: &[String]) -> Command {
     let mut cmd = match who {
         Some((uid, gid)) => unprivileged_as(uid, gid, &lowport_bin()),
@@ -856,12 +819,7 @@ fn a_dual_stack_listener_gets_one_host_socket_for_both_families() {
     if !require(has_ipv6(), "IPv6 on loopback") {
         return;
     }
-    let dir = TempDir::new("dualstack", None);
-    let server = Server::start(lowport_run(
-        None,
-        &["-p", "0:80"],
-        &python(&dir, "dual.py", DUAL_STACK),
-    ));
+    let (_dir, server) = python_server("dualstack", &["-p", "0:80"], "dual.py", DUAL_STACK);
     let port = server.port();
     server.out.wait_for(&format!("listening on port {port}\n"));
     let v4 = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 9], port).into()).unwrap());
@@ -895,12 +853,7 @@ print("all rounds done", flush=True)
 
 #[test]
 fn a_server_that_closes_and_binds_again_gets_a_host_socket_each_time() {
-    let dir = TempDir::new("rebind", None);
-    let server = Server::start(lowport_run(
-        None,
-        &["-p", "0:80"],
-        &python(&dir, "rebind.py", REBIND),
-    ));
+    let (_dir, server) = python_server("rebind", &["-p", "0:80"], "rebind.py", REBIND);
     let port = server.port();
     for round in 0..3 {
         server
@@ -944,12 +897,7 @@ while True:
 
 #[test]
 fn so_reuseport_workers_each_get_a_host_socket_and_all_serve() {
-    let dir = TempDir::new("reuseport", None);
-    let server = Server::start(lowport_run(
-        None,
-        &["-p", "0:80"],
-        &python(&dir, "reuseport.py", REUSEPORT),
-    ));
+    let (_dir, server) = python_server("reuseport", &["-p", "0:80"], "reuseport.py", REUSEPORT);
     let port = server.port();
     server
         .out
@@ -1835,12 +1783,8 @@ fn a_refused_fresh_bind_leaves_the_port_reserved_and_refusing() {
     if !require(has_ipv6(), "IPv6 on loopback") {
         return;
     }
-    let dir = TempDir::new("faileddual", None);
-    let server = Server::start(lowport_run(
-        None,
-        &["-p", "0:80"],
-        &python(&dir, "failed.py", FAILED_DUAL_BIND),
-    ));
+    let (_dir, server) =
+        python_server("faileddual", &["-p", "0:80"], "failed.py", FAILED_DUAL_BIND);
     let port = server.port();
     server.out.wait_for("dual bind errno 98\n");
     let started = std::time::Instant::now();
@@ -1907,12 +1851,7 @@ fn port_start_still_applies_to_handed_ports() {
 /// IPv4 alone, and the family stays the one it asked for.
 #[test]
 fn a_dual_stack_server_takes_an_ipv4_only_host_address_as_mapped() {
-    let dir = TempDir::new("mapped", None);
-    let server = Server::start(lowport_run(
-        None,
-        &["-p", "127.0.0.1:0:80"],
-        &python(&dir, "dual.py", DUAL_STACK),
-    ));
+    let (_dir, server) = python_server("mapped", &["-p", "127.0.0.1:0:80"], "dual.py", DUAL_STACK);
     let port = server.port();
     server.out.wait_for(&format!("listening on port {port}\n"));
     let reply = read_reply(connect_from("127.0.0.9", ([127, 0, 0, 1], port).into()).unwrap());

@@ -15,39 +15,6 @@ use nix::sys::signal::Signal;
 
 const PYTHON: &str = "/usr/bin/python3";
 
-/// A directory that the test removes when it ends, however it ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory that every uid may read and search.
-    fn new(tag: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("lowport-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes a file every uid may read.
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child process killed (and reaped) when the test ends, however it ends. Its stdout and stderr,
 /// when piped, are read by threads so that a process that keeps them open cannot hang the test.
 struct Running {
@@ -149,7 +116,7 @@ fn setcap_copy(tag: &str) -> Option<(TempDir, PathBuf)> {
     ) {
         return None;
     }
-    let dir = TempDir::new(tag);
+    let dir = TempDir::new(tag, None);
     let bin = dir.path().join("lowport");
     std::fs::copy(lowport_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -229,7 +196,7 @@ fn hostile_server_gets_nothing(mut cmd: Command, tag: &str) {
     if !require(Path::new(PYTHON).exists(), "/usr/bin/python3") {
         return;
     }
-    let dir = TempDir::new(tag);
+    let dir = TempDir::new(tag, None);
     let script = dir.write("hostile.py", HOSTILE);
     cmd.arg(PYTHON).arg(&script);
     let run = Running::spawn(&mut cmd);
@@ -382,7 +349,7 @@ fn dnsmasq_switching_user_answers_and_stops_on_sigterm() {
         "--log-facility=-",
     ]);
     let mut launch = Launch::start(cmd);
-    let dir = TempDir::new("dnsmasq");
+    let dir = TempDir::new("dnsmasq", None);
     let query = dir.write("query.py", DNS_QUERY);
     let (code, out, err) = run_to_end(
         unprivileged_as(NOBODY, NOBODY, Path::new(PYTHON))
@@ -422,7 +389,7 @@ fn lighttpd_switching_to_www_data_serves_and_stops_on_sigterm() {
         return;
     }
     let www_uid = www.unwrap().uid.as_raw();
-    let dir = TempDir::new("lighttpd");
+    let dir = TempDir::new("lighttpd", None);
     std::fs::create_dir_all(dir.path().join("www")).unwrap();
     std::fs::set_permissions(
         dir.path().join("www"),
@@ -790,7 +757,7 @@ fn the_command_cannot_type_into_the_users_terminal() {
 /// the same group, stands for them.
 #[test]
 fn the_command_cannot_signal_the_callers_process_group() {
-    let dir = TempDir::new("pgrp");
+    let dir = TempDir::new("pgrp", None);
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let pidfile = dir.path().join("sleep.pid");
     let script = format!(

@@ -73,7 +73,7 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
 #[test]
 fn one_stalled_peer_does_not_stall_the_others() {
     let mut cmd = lowport();
-    run_args(&mut cmd, &["-p", "127.0.0.1:0:80"]).arg(demo_server_bin());
+    run_args(&mut cmd, &["-p", "127.0.0.1:0:80", "--forward", "relay"]).arg(demo_server_bin());
     let launch = Launch::start(cmd);
     wait_healthy(launch.addr());
     // This client uploads to /echo but never reads the echo: every buffer on its path fills up.
@@ -165,7 +165,7 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
 fn a_limit_of_one_serves_both_families_in_turn() {
     // Two listeners (0.0.0.0 and [::]) share the one slot; a listener waiting for clients must not
     // keep it from the other.
-    let launch = start_demo("0:80", &["--max-connections", "1"]);
+    let launch = start_demo("0:80", &["--max-connections", "1", "--forward", "relay"]);
     for _ in 0..5 {
         let (status, _) = read_all(get(launch.addr()));
         assert_eq!(status, 200);

@@ -533,6 +533,8 @@ fn lazy_clients_do_not_keep_the_slots() {
         &[
             "-p",
             "127.0.0.1:0:80",
+            "--forward",
+            "relay",
             "--max-connections",
             "3",
             "--half-closed-timeout",
