@@ -657,3 +657,28 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A copy of lowport with the file capability cap_net_bind_service, in a directory of its own; None
+/// (after `require`) when the tests are not root or setcap is missing.
+pub fn setcap_copy(tag: &str) -> Option<(TempDir, PathBuf)> {
+    let setcap = ["/usr/sbin/setcap", "/sbin/setcap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    if !require(
+        is_root() && setcap.is_some(),
+        "root and setcap (package libcap2-bin)",
+    ) {
+        return None;
+    }
+    let dir = TempDir::new(tag, None);
+    let bin = dir.path().join("lowport");
+    fs::copy(lowport_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let status = Command::new(setcap.unwrap())
+        .arg("cap_net_bind_service=ep")
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(status.success(), "setcap failed");
+    Some((dir, bin))
+}

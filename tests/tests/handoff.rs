@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1218,27 +1218,6 @@ fn caller_uid_gid() -> u32 {
     }
 }
 
-/// A copy of lowport with the file capability cap_net_bind_service.
-fn setcap_copy(dir: &TempDir) -> Option<PathBuf> {
-    let setcap = tool(&["/usr/sbin/setcap", "/sbin/setcap"]);
-    if !require(
-        is_root() && setcap.is_some(),
-        "root and setcap (package libcap2-bin)",
-    ) {
-        return None;
-    }
-    let bin = dir.path().join("lowport");
-    std::fs::copy(lowport_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let status = Command::new(setcap.unwrap())
-        .arg("cap_net_bind_service=ep")
-        .arg(&bin)
-        .status()
-        .unwrap();
-    assert!(status.success(), "setcap failed");
-    Some(bin)
-}
-
 /// A host port below the host's ip_unprivileged_port_start, bound through the file capability, is
 /// never handed to the server: lowport keeps it and relays.
 #[test]
@@ -1247,8 +1226,7 @@ fn a_privileged_host_port_stays_relayed() {
     if !require(start > 100, "a host where ports below 100 need privilege") {
         return;
     }
-    let dir = TempDir::new("privileged", None);
-    let Some(bin) = setcap_copy(&dir) else {
+    let Some((dir, bin)) = setcap_copy("privileged") else {
         return;
     };
     dir.write("index.html", "privileged\n");

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 
@@ -102,31 +102,6 @@ fn host_uid(pid: u32) -> Option<u32> {
         .next()?
         .parse()
         .ok()
-}
-
-/// A copy of lowport with the file capability cap_net_bind_service, in a directory of its own; None
-/// (after `require`) when the tests are not root or setcap is missing.
-fn setcap_copy(tag: &str) -> Option<(TempDir, PathBuf)> {
-    let setcap = ["/usr/sbin/setcap", "/sbin/setcap"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    if !require(
-        is_root() && setcap.is_some(),
-        "root and setcap (package libcap2-bin)",
-    ) {
-        return None;
-    }
-    let dir = TempDir::new(tag, None);
-    let bin = dir.path().join("lowport");
-    std::fs::copy(lowport_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let status = Command::new(setcap.unwrap())
-        .arg("cap_net_bind_service=ep")
-        .arg(&bin)
-        .status()
-        .unwrap();
-    assert!(status.success(), "setcap failed");
-    Some((dir, bin))
 }
 
 /// Each line of stderr that starts as lowport's own error messages do.
