@@ -234,6 +234,33 @@ async fn handle(
     relay(&client, &upstream, options.half_closed_timeout).await
 }
 
+/// When the last "nothing listens" warning was logged, and how many were held back since.
+static NOTHING_LISTENS: std::sync::Mutex<(Option<std::time::Instant>, u64)> =
+    std::sync::Mutex::new((None, 0));
+/// At most one "nothing listens" warning in this long: each client of a port where nothing listens
+/// (before the server starts, or of a family the server does not bind) would otherwise write a
+/// line, and a client could fill the log. The others go to the debug level.
+const NOTHING_LISTENS_EVERY: Duration = Duration::from_secs(10);
+
+fn warn_nothing_listens(peer: &SocketAddr, port: u16, err: &io::Error, second_err: &io::Error) {
+    let mut last = NOTHING_LISTENS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    if last
+        .0
+        .is_some_and(|at| now.duration_since(at) < NOTHING_LISTENS_EVERY)
+    {
+        last.1 += 1;
+        debug!(%peer, port, ?err, ?second_err, "nothing listens on the port inside; closing the client's connection");
+        return;
+    }
+    let held_back = std::mem::take(&mut last.1);
+    last.0 = Some(now);
+    drop(last);
+    warn!(%peer, port, ?err, ?second_err, held_back, "nothing listens on the port inside; closing the client's connection (at most one such warning every 10 s; held_back counts the others)");
+}
+
 async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
     let [first, second] = target.candidates(peer);
     match connect_from(target.source_for(*peer, first), first).await {
@@ -242,10 +269,9 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
             if err.kind() == io::ErrorKind::ConnectionRefused
                 || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
         {
-            connect_from(target.source_for(*peer, second), second).await.map_err(|second_err| {
-                warn!(%peer, port = target.port, ?err, ?second_err, "nothing listens on the port inside; closing the client's connection");
-                second_err
-            })
+            connect_from(target.source_for(*peer, second), second)
+                .await
+                .inspect_err(|second_err| warn_nothing_listens(peer, target.port, &err, second_err))
         }
         Err(err) => {
             warn!(%peer, %first, ?err, "cannot connect inside");

@@ -370,6 +370,48 @@ fn a_udp_flow_to_a_port_where_nothing_listens_is_closed_at_once() {
     );
 }
 
+/// A client of a port where nothing listens inside is closed with a warning, but five clients in a
+/// row write one warning, not five: a client could otherwise fill the log.
+#[test]
+fn nothing_listens_is_warned_at_most_once_in_ten_seconds() {
+    let mut cmd = lowport();
+    run_args(&mut cmd, &["--forward", "relay", "-p", "127.0.0.1:0:8000"]).arg(demo_server_bin());
+    let mut launch = Launch::start(cmd);
+    let stderr = launch
+        .child
+        .stderr
+        .take()
+        .expect("lowport's stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    for _ in 0..5 {
+        // lowport accepts, finds nothing on port 8000 inside, and closes: end of stream or reset.
+        let mut s = TcpStream::connect(launch.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(0) => break true,
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => break false,
+            }
+        };
+        assert!(
+            closed,
+            "lowport closes a client when nothing listens inside"
+        );
+    }
+    launch.signal(nix::sys::signal::Signal::SIGTERM);
+    launch.wait();
+    let text = reader.join().unwrap();
+    let warnings = text.matches("nothing listens on the port inside").count();
+    assert_eq!(warnings, 1, "{text}");
+}
+
 #[test]
 fn idle_udp_flows_are_closed_after_the_timeout() {
     let launch = launch(
