@@ -78,7 +78,8 @@ impl RelayStop {
     fn stop_and_wait(&mut self) {
         if let Some(stop) = self.stop.take() {
             if stop.send(()).is_ok() {
-                // Disconnected once the relay task has dropped its socket.
+                // Disconnected once the relay has let go of its socket (for UDP, once the last of
+                // its flows has, see `udp::serve`).
                 let _ = self.done.recv();
             }
         }
@@ -215,7 +216,7 @@ impl Factory {
         request[..4].copy_from_slice(&domain.to_ne_bytes());
         request[4..8].copy_from_slice(&kind.to_ne_bytes());
         request[8..].copy_from_slice(&protocol.to_ne_bytes());
-        sys::send_with_fd(self.sock.as_fd(), &request, None)?;
+        sys::send_with_fd(self.sock.as_raw_fd(), &request, None)?;
         let mut answer = [0u8; 4];
         match sys::recv_with_fd(
             self.sock.as_fd(),
@@ -272,9 +273,9 @@ fn factory_main(sock: &OwnedFd) -> i32 {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
         };
         let sent = match &made {
-            Ok(fd) => sys::send_with_fd(sock.as_fd(), &0i32.to_ne_bytes(), Some(fd.as_fd())),
+            Ok(fd) => sys::send_with_fd(sock.as_raw_fd(), &0i32.to_ne_bytes(), Some(fd.as_fd())),
             Err(e) => sys::send_with_fd(
-                sock.as_fd(),
+                sock.as_raw_fd(),
                 &e.raw_os_error().unwrap_or(libc::EINVAL).to_ne_bytes(),
                 None,
             ),
@@ -357,6 +358,7 @@ pub struct Handoff {
     handed: VecDeque<u64>,
     reader: Reader,
     warned: bool,
+    warned_transient: bool,
 }
 
 impl Handoff {
@@ -378,6 +380,7 @@ impl Handoff {
             handed: VecDeque::new(),
             reader: Reader::default(),
             warned: false,
+            warned_transient: false,
         })
     }
 
@@ -388,12 +391,14 @@ impl Handoff {
                 self.listener.as_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
+            // The listener is never dropped while the command runs: without it, the kernel fails
+            // every bind the filter stops (ENOSYS), those inside included. Errors are waited out.
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(err) => {
-                    warn!(?err, "cannot wait for the server's binds; handoff stops");
-                    return;
+                    self.transient(&err.into());
+                    continue;
                 }
             }
             let revents = fds[0].revents().unwrap_or(nix::poll::PollFlags::empty());
@@ -406,8 +411,8 @@ impl Handoff {
                 // Interrupted, or the caller died between poll and receive.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => continue,
                 Err(err) => {
-                    warn!(?err, "cannot read the server's binds; handoff stops");
-                    return;
+                    self.transient(&err);
+                    continue;
                 }
             };
             let answer = self.answer(&notif);
@@ -486,6 +491,13 @@ impl Handoff {
                 .parse()
                 .ok()
         };
+        // Only a socket is copied: closing a copy of some other file (one on a FUSE file system the
+        // server serves itself, say) could wait on the server for ever.
+        let is_socket = std::fs::read_link(format!("/proc/{tid}/fd/{fd}"))
+            .is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:["));
+        if !is_socket {
+            return Ok(None);
+        }
         let copy =
             sys::pidfd_open_thread(tid, tgid).and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd));
         let copy = match copy {
@@ -610,7 +622,7 @@ impl Handoff {
                 Ok(fd) => fd,
                 Err(err) => {
                     warn!(?err, "cannot make a host socket for the server's bind");
-                    return Answer::Return(err.raw_os_error().unwrap_or(libc::ENOMEM));
+                    return self.not_handed(&targets, &err);
                 }
             };
             // A dual-stack socket covers the IPv4 wildcard too: only when that was published.
@@ -620,7 +632,7 @@ impl Handoff {
                 ..state
             };
             if let Err(err) = prepare(&fresh, &server, &state, true) {
-                return Answer::Return(err.raw_os_error().unwrap_or(libc::EINVAL));
+                return self.not_handed(&targets, &err);
             }
             for &i in &targets {
                 drop(self.ports[i].release());
@@ -679,6 +691,17 @@ impl Handoff {
                     None => Answer::Return(libc::EINVAL),
                 }
             }
+        }
+    }
+
+    /// The answer when no socket could be prepared for a bind: while every target's relay still
+    /// serves it, the bind runs inside and the relay goes on; once one was released (an earlier
+    /// handoff), the bind fails with the error, since nothing would serve it inside.
+    fn not_handed(&self, targets: &[usize], err: &io::Error) -> Answer {
+        if targets.iter().all(|&i| self.ports[i].relay.stop.is_some()) {
+            Answer::Continue
+        } else {
+            Answer::Return(err.raw_os_error().unwrap_or(libc::ENOMEM))
         }
     }
 
@@ -742,6 +765,15 @@ impl Handoff {
             Ok(fd) => self.ports[i].reserved = Some(fd),
             Err(err) => debug!(%addr, ?err, "cannot reserve the host port again"),
         }
+    }
+
+    /// An error waiting for or reading a notification (ENOMEM, say): logged once, then waited out.
+    fn transient(&mut self, err: &io::Error) {
+        if !self.warned_transient {
+            self.warned_transient = true;
+            warn!(?err, "cannot read the server's binds for now; trying again");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 
     fn cannot_inspect(&mut self, err: &io::Error) {

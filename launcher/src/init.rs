@@ -528,13 +528,10 @@ fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! 
 /// another lowport; EINVAL: too old), the errno goes instead, and the terminal filter alone is installed.
 /// The command's copies of the listener and of the socket are closed before exec.
 fn install_filter(handoff: Option<RawFd>) -> io::Result<()> {
-    use std::os::fd::BorrowedFd;
+    // The command's end of the socket pair lowport made for this, close-on-exec.
     let Some(sock) = handoff else {
         return sys::install_command_filter(sys::FilterKind::Terminal).map(drop);
     };
-    // SAFETY: the number is the command's end of the socketpair lowport made for this, open and
-    // close-on-exec; it is used here only and closed at exec.
-    let sock = unsafe { BorrowedFd::borrow_raw(sock) };
     match sys::install_command_filter(sys::FilterKind::TerminalAndBind) {
         Ok(listener) => {
             let listener = listener.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -548,18 +545,24 @@ fn install_filter(handoff: Option<RawFd>) -> io::Result<()> {
     }
 }
 
-/// Receives what [`install_filter`] sent: the listener, or why the kernel refused one.
-pub fn receive_listener(sock: &OwnedFd) -> io::Result<OwnedFd> {
+/// Receives what [`install_filter`] sent: `Ok(Ok(listener))`, or `Ok(Err(refusal))` with the error
+/// the kernel refused a listener with (the command then runs without one). `Err` when the message
+/// itself was lost: the command may then hold a filter whose listener is gone, and every bind it
+/// stops would fail with ENOSYS, so the caller must not let it run.
+pub fn receive_listener(sock: &OwnedFd) -> io::Result<Result<OwnedFd, io::Error>> {
     let mut buf = [0u8; 4];
     let (n, fd) = sys::recv_with_fd(
         sock.as_fd(),
         &mut buf,
         nix::sys::socket::MsgFlags::MSG_DONTWAIT,
     )?;
+    let code = i32::from_ne_bytes(buf);
     match (n, fd) {
-        (4, Some(fd)) if i32::from_ne_bytes(buf) == 0 => Ok(fd),
-        (4, _) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
-        _ => Err(io::Error::other("the command sent no listener")),
+        (4, Some(fd)) if code == 0 => Ok(Ok(fd)),
+        (4, None) if code != 0 => Ok(Err(io::Error::from_raw_os_error(code))),
+        _ => Err(io::Error::other(
+            "the command's message about its listener was cut short",
+        )),
     }
 }
 

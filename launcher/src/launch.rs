@@ -114,6 +114,9 @@ impl LaunchError {
 /// command's own, or 128 + N when signal N killed it.
 pub fn run(config: Config) -> Result<i32, LaunchError> {
     let proc_sys = PathBuf::from("/proc/sys");
+    // An ignored SIGCHLD, inherited across exec, would make the kernel reap lowport's children
+    // itself: their pids could then be reused while lowport still signals and waits for them.
+    sys::reset_signal_to_default(Signal::SIGCHLD);
 
     // 1. Validate.
     let program = config.command.first().ok_or_else(|| {
@@ -302,7 +305,12 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let listener = match listener_pair {
         Some((ours, theirs)) => {
             drop(theirs);
-            match init::receive_listener(&ours) {
+            let received = init::receive_listener(&ours).map_err(|err| {
+                LaunchError::Resources(format!(
+                    "cannot receive the command's seccomp listener: {err}; the command was stopped (without it every bind would fail; --forward relay does without)"
+                ))
+            })?;
+            match received {
                 Ok(listener) => Some(listener),
                 Err(err) if config.forward == handoff::Mode::Handoff => {
                     return Err(LaunchError::Usage(format!(
@@ -461,19 +469,29 @@ fn start_udp_relay(
         .enable_all()
         .build()
         .map_err(LaunchError::io("start the UDP relay's runtime"))?;
-    std::thread::Builder::new()
+    // The runtime goes to the thread once it exists: dropped here, in the TCP relay's async context,
+    // a runtime makes tokio panic, which a refused thread would otherwise cause.
+    let (give, take) = std::sync::mpsc::sync_channel::<tokio::runtime::Runtime>(1);
+    let spawned = std::thread::Builder::new()
         .name("lowport-udp".into())
         .spawn(move || {
+            let Ok(runtime) = take.recv() else {
+                return;
+            };
             runtime.block_on(async move {
                 for (socket, target, control) in sockets {
                     match tokio::net::UdpSocket::from_std(socket) {
                         Ok(socket) => {
                             let (shutdown, done) = control.split();
                             let budget = budget.clone();
-                            tokio::spawn(async move {
-                                udp::serve(socket, target, idle, budget, shutdown).await;
-                                drop(done);
-                            });
+                            tokio::spawn(udp::serve(
+                                socket,
+                                target,
+                                idle,
+                                budget,
+                                shutdown,
+                                Some(done),
+                            ));
                         }
                         Err(err) => warn!(
                             ?err,
@@ -484,15 +502,21 @@ fn start_udp_relay(
                 }
                 std::future::pending::<()>().await
             })
-        })
-        .map_err(|err| {
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = give.send(runtime);
+            Ok(())
+        }
+        Err(err) => {
+            runtime.shutdown_background();
             let nproc = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
                 .map_or("unknown".to_owned(), |(soft, _)| soft.to_string());
-            LaunchError::Resources(format!(
+            Err(LaunchError::Resources(format!(
                 "cannot start lowport's UDP relay thread: {err}; the command was stopped (the limit on this user's processes and threads, ulimit -u, is {nproc}; raise it, or stop some of this user's processes)"
-            ))
-        })?;
-    Ok(())
+            )))
+        }
+    }
 }
 
 /// Forwards signals to the pid-1 helper until it exits, and returns the status lowport exits with.

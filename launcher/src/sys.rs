@@ -650,8 +650,10 @@ pub fn set_int_option(
 }
 
 /// Sends `data` with a copy of `fd`, if any, over a UNIX socket (SCM_RIGHTS).
+/// `sock` is a descriptor number: sending on a number that is not the socket meant fails, and is
+/// not unsafe (a forked child uses the number it inherited).
 pub fn send_with_fd(
-    sock: std::os::fd::BorrowedFd,
+    sock: RawFd,
     data: &[u8],
     fd: Option<std::os::fd::BorrowedFd>,
 ) -> io::Result<()> {
@@ -659,7 +661,7 @@ pub fn send_with_fd(
     let iov = [io::IoSlice::new(data)];
     let fds = fd.map(|f| [f.as_raw_fd()]);
     let cmsgs: Vec<ControlMessage> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
+    sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::empty(), None)?;
     Ok(())
 }
 

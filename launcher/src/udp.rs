@@ -117,14 +117,18 @@ struct Flow {
 type Flows = Arc<Mutex<HashMap<SocketAddr, Flow>>>;
 
 /// Serves one host UDP socket until `shutdown` completes.
+///
+/// `done` is dropped once the relay and every one of its flows have let go of the host socket.
 pub async fn serve(
     host: UdpSocket,
     target: Target,
     idle: Duration,
     budget: FlowBudget,
     shutdown: impl Future<Output = ()>,
+    done: Option<std::sync::mpsc::Sender<()>>,
 ) {
     let relay = Arc::new(Relay {
+        _done: done,
         host: Arc::new(host),
         target,
         idle,
@@ -156,6 +160,9 @@ pub async fn serve(
 
 /// What one host socket's relay shares with its flows' reply tasks.
 struct Relay {
+    /// Dropped with the last reference to the relay, when nothing of it holds the host socket any
+    /// more (see `handoff::RelayStop`).
+    _done: Option<std::sync::mpsc::Sender<()>>,
     host: Arc<UdpSocket>,
     target: Target,
     idle: Duration,
@@ -523,11 +530,13 @@ async fn replies(relay: Arc<Relay>, inner: Arc<UdpSocket>, peer: SocketAddr, las
                     debug!(%peer, "nothing listens on the UDP port inside; closing the flow");
                     return;
                 }
-                Ok(Some(err)) => {
-                    debug!(%peer, ?err, "UDP flow failed");
+                // The error was taken already (by a send on this flow), but tokio keeps the socket's
+                // error readiness: waiting again would return at once, for ever. End the flow; the
+                // next datagram opens a fresh one.
+                other => {
+                    debug!(%peer, ?other, "UDP flow failed");
                     return;
                 }
-                Ok(None) | Err(_) => {}
             },
             Ok(Ok(_)) => {}
         }

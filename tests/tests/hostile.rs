@@ -630,12 +630,14 @@ fn too_few_processes_is_a_message_not_a_panic() {
         return;
     }
     let uid = unused_uid();
-    // Without -p, and with a port to hand off (the host socket factory, the handoff thread).
-    for (nproc, publish) in (1..=7u64).flat_map(|n| [(n, false), (n, true)]) {
+    // Without -p, with a port to hand off (the host socket factory, the handoff thread), and with
+    // a UDP port (the UDP relay's thread too).
+    let publish = [None, Some("127.0.0.1:0:80"), Some("127.0.0.1:0:53/udp")];
+    for (nproc, publish) in (1..=7u64).flat_map(|n| publish.map(|p| (n, p))) {
         let mut cmd = unprivileged_as(uid, uid, &lowport_bin());
         cmd.args(["run", "--userns", "single"]);
-        if publish {
-            cmd.args(["-p", "127.0.0.1:0:80"]);
+        if let Some(spec) = publish {
+            cmd.args(["-p", spec]);
         }
         cmd.args(["--", "true"]);
         // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec; the limit
@@ -668,7 +670,7 @@ fn too_few_processes_is_a_message_not_a_panic() {
             .collect();
         assert!(
             left.is_empty(),
-            "nproc {nproc}, -p {publish}: processes of uid {uid} left: {left:?}"
+            "nproc {nproc}, -p {publish:?}: processes of uid {uid} left: {left:?}"
         );
     }
 }
