@@ -710,10 +710,7 @@ impl Handoff {
     /// of a user namespace of its own has none there).
     fn may_bind(&self, tid: i32, port: u16) -> bool {
         // Read each time: root inside may change it.
-        let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-            .ok()
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .unwrap_or(1024);
+        let start = crate::host::unprivileged_port_start(std::path::Path::new("/proc/sys"));
         if port >= start {
             return true;
         }

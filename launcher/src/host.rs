@@ -161,10 +161,7 @@ fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &P
             port: addr.port(),
         },
         Some(libc::EACCES) => {
-            let start = fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(1024);
+            let start = unprivileged_port_start(proc_sys);
             BindError::Privileged {
                 port: addr.port(),
                 start,
@@ -179,6 +176,16 @@ fn explain(spec: &PublishSpec, addr: SocketAddr, source: io::Error, proc_sys: &P
         },
         _ => BindError::Other { spec, addr, source },
     }
+}
+
+/// `net.ipv4.ip_unprivileged_port_start` of the network namespace whose sysctls `proc_sys` shows
+/// (normally /proc/sys: the reader's own): ports below it need privilege to bind. 1024, the
+/// kernel's default, when it cannot be read.
+pub fn unprivileged_port_start(proc_sys: &Path) -> u16 {
+    fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// A listening TCP socket or a bound UDP socket; IPv6 sockets are IPv6-only so that 0.0.0.0 and [::]

@@ -187,9 +187,11 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
-    let host_start = host_port_start(&proc_sys);
+    let host_start = host::unprivileged_port_start(&proc_sys);
+    // A host socket below the host's threshold was bound with privilege: never handed over.
+    let privileged = |s: &HostSocket| s.addr.port() < host_start;
     if config.forward == handoff::Mode::Handoff {
-        if let Some(s) = sockets.iter().find(|s| s.addr.port() < host_start) {
+        if let Some(s) = sockets.iter().find(|s| privileged(s)) {
             return Err(LaunchError::Usage(format!(
                 "--forward handoff cannot hand over host port {} (-p {}): ports below {host_start} need privilege on this host, and a server holding such a socket could send from it as if it were root; use --forward auto, which relays that port and hands over the others",
                 s.addr.port(),
@@ -197,7 +199,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             )));
         }
     }
-    if handing && sockets.iter().all(|s| s.addr.port() < host_start) {
+    if handing && sockets.iter().all(privileged) {
         debug!("every host port needed privilege; relaying them");
         handing = false;
     }
@@ -345,7 +347,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             ports.push(handoff::Port::new(
                 socket.spec.clone(),
                 socket.addr,
-                socket.addr.port() >= host_start,
+                !privileged(socket),
                 copy,
                 stop,
             ));
@@ -356,7 +358,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map(|s| {
             if config.socket_activation {
                 "activation"
-            } else if listener.is_some() && s.addr.port() >= host_start {
+            } else if listener.is_some() && !privileged(s) {
                 "handoff"
             } else {
                 "relay"
@@ -692,7 +694,7 @@ fn refuse_privileged_activation(
     specs: &[PublishSpec],
     proc_sys: &std::path::Path,
 ) -> Result<(), LaunchError> {
-    let start = host_port_start(proc_sys);
+    let start = host::unprivileged_port_start(proc_sys);
     match specs
         .iter()
         .find(|s| s.host_port != 0 && s.host_port < start)
@@ -703,14 +705,6 @@ fn refuse_privileged_activation(
         ))),
         None => Ok(()),
     }
-}
-
-/// The host's `net.ipv4.ip_unprivileged_port_start`: ports below it need privilege to bind.
-fn host_port_start(proc_sys: &std::path::Path) -> u16 {
-    std::fs::read_to_string(proc_sys.join("net/ipv4/ip_unprivileged_port_start"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024)
 }
 
 /// Kills the command's process tree (through its pid-1 helper) and reaps it when dropped with a
