@@ -14,7 +14,7 @@
 //! server asked for (same family; IPv6-only for an IPv6-only server; no SO_REUSEPORT). Connections
 //! waiting in its queue are then the server's. Otherwise (a dual-stack `[::]` socket in place of the
 //! `0.0.0.0` and `[::]` pair, an SO_REUSEPORT group, a server that binds again) a fresh host socket
-//! with the server's options, made by the [`Factory`], a process left in the host's network
+//! with the server's options, made by the host side ([`crate::hostside`]), a process left in the host's network
 //! namespace: lowport's own threads live in the server's namespace, where sockets belong to it.
 //! Once a socket is handed over lowport keeps no copy, so when the server closes it, it is gone, and no
 //! client waits on a socket nobody accepts on.
@@ -31,6 +31,7 @@ use std::os::unix::fs::MetadataExt;
 
 use tracing::{debug, warn};
 
+use crate::hostside::Channel;
 use crate::publish::{Protocol, PublishSpec};
 use crate::sys;
 
@@ -166,126 +167,6 @@ impl Port {
     }
 }
 
-/// A process left in the host's network namespace that makes sockets there on request.
-#[derive(Debug)]
-pub struct Factory {
-    sock: OwnedFd,
-    pid: nix::unistd::Pid,
-}
-
-impl Factory {
-    /// Forks the factory. Call before leaving the host's network namespace, single-threaded;
-    /// `close` lists lowport's descriptors that the factory must not keep.
-    pub fn spawn(close: &[RawFd]) -> io::Result<Factory> {
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )?;
-        match sys::fork()? {
-            nix::unistd::ForkResult::Child => {
-                drop(ours);
-                for fd in close {
-                    // SAFETY: the factory never returns to the launcher's code that owns these; it
-                    // ends with exit_now.
-                    unsafe { sys::close_raw(*fd) };
-                }
-                sys::exit_now(factory_main(&theirs))
-            }
-            nix::unistd::ForkResult::Parent { child } => Ok(Factory {
-                sock: ours,
-                pid: child,
-            }),
-        }
-    }
-
-    /// The factory's pid, for [`Reaper`].
-    pub fn pid(&self) -> nix::unistd::Pid {
-        self.pid
-    }
-
-    /// The factory's socket, which the other processes lowport forks must close.
-    pub fn raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-
-    /// A new socket of the host's network namespace (close-on-exec, blocking, unbound).
-    fn socket(&self, domain: i32, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
-        let mut request = [0u8; 12];
-        request[..4].copy_from_slice(&domain.to_ne_bytes());
-        request[4..8].copy_from_slice(&kind.to_ne_bytes());
-        request[8..].copy_from_slice(&protocol.to_ne_bytes());
-        sys::send_with_fd(self.sock.as_raw_fd(), &request, None)?;
-        let mut answer = [0u8; 4];
-        match sys::recv_with_fd(
-            self.sock.as_fd(),
-            &mut answer,
-            nix::sys::socket::MsgFlags::empty(),
-        )? {
-            (4, Some(fd)) => Ok(fd),
-            (4, None) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(answer))),
-            _ => Err(io::Error::other("the host socket factory has stopped")),
-        }
-    }
-}
-
-/// Kills and reaps the factory when dropped, so that no zombie of it outlives lowport (an init that
-/// does not reap would keep it, and it would count against the user's process limit).
-#[derive(Debug)]
-pub struct Reaper(pub nix::unistd::Pid);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.0, None);
-    }
-}
-
-/// The factory's loop: a socket for each request, until lowport closes its end or dies.
-fn factory_main(sock: &OwnedFd) -> i32 {
-    // Nothing of the user's may look into it (its descriptors, its socket to lowport).
-    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
-        || nix::sys::prctl::set_dumpable(false).is_err()
-    {
-        return 125;
-    }
-    loop {
-        let mut request = [0u8; 12];
-        match sys::recv_with_fd(
-            sock.as_fd(),
-            &mut request,
-            nix::sys::socket::MsgFlags::empty(),
-        ) {
-            Ok((12, _)) => {}
-            Ok(_) => return 0,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(_) => return 0,
-        }
-        let field = |i: usize| i32::from_ne_bytes(request[i..i + 4].try_into().expect("4 bytes"));
-        let (domain, kind, protocol) = (field(0), field(4), field(8));
-        // Only the families and types the handoff uses.
-        let made = if matches!(domain, libc::AF_INET | libc::AF_INET6)
-            && matches!(kind, libc::SOCK_STREAM | libc::SOCK_DGRAM)
-        {
-            sys::socket(domain, kind, protocol)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let sent = match &made {
-            Ok(fd) => sys::send_with_fd(sock.as_raw_fd(), &0i32.to_ne_bytes(), Some(fd.as_fd())),
-            Err(e) => sys::send_with_fd(
-                sock.as_raw_fd(),
-                &e.raw_os_error().unwrap_or(libc::EINVAL).to_ne_bytes(),
-                None,
-            ),
-        };
-        if sent.is_err() {
-            return 0;
-        }
-    }
-}
-
 /// What the server asked `bind` for, read from its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Asked {
@@ -348,7 +229,7 @@ enum Answer {
 pub struct Handoff {
     listener: OwnedFd,
     ports: Vec<Port>,
-    factory: Factory,
+    factory: Channel,
     /// The inode of lowport's network namespace: only binds made in it are answered.
     netns: u64,
     /// The inode of lowport's user namespace, whose CAP_NET_BIND_SERVICE low ports inside need.
@@ -362,7 +243,7 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Factory) -> io::Result<Handoff> {
+    pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Channel) -> io::Result<Handoff> {
         let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
         let userns = std::fs::metadata("/proc/thread-self/ns/user")?.ino();
         if let Err(err) = sys::notif_sync_wakeup(listener.as_fd()) {

@@ -26,10 +26,13 @@ use tracing::{debug, warn};
 
 use crate::capabilities::{self, CapsError};
 use crate::forward::{self, Target};
-use crate::handoff::{self, Factory, RelayControl};
+use crate::handoff::{self, RelayControl};
 use crate::host::{self, BindError, Bound, HostSocket};
+use crate::hostside::{self, Factory};
 use crate::init::{self, CommandSpec, InitError, Started};
 use crate::netns::{self, NetnsError};
+use crate::outward::{self, HostPorts, OutwardError};
+use crate::pasta::{self, Net, PastaError};
 use crate::publish::PublishSpec;
 use crate::sys;
 use crate::udp;
@@ -56,6 +59,12 @@ pub struct Config {
     pub half_closed_timeout: std::time::Duration,
     /// How published ports reach the server: handed over, relayed, or handed over where possible.
     pub forward: handoff::Mode,
+    /// Host loopback ports reachable inside at the same address and port.
+    pub host_loopback: Vec<HostPorts>,
+    /// The way out: none, or pasta.
+    pub net: Net,
+    /// Mirror the host's resolvers inside (implied by `Net::Pasta`).
+    pub dns: bool,
     pub command: Vec<OsString>,
 }
 
@@ -82,6 +91,10 @@ pub enum LaunchError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Caps(#[from] CapsError),
+    #[error(transparent)]
+    Outward(#[from] OutwardError),
+    #[error(transparent)]
+    Pasta(#[from] PastaError),
     #[error(transparent)]
     Init(#[from] InitError),
     #[error("{0}")]
@@ -163,6 +176,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             handing = false;
         }
     }
+    // The resolvers to mirror inside, from the host's resolv.conf as the programs inside read it.
+    let resolvers = if config.dns || config.net == Net::Pasta {
+        read_resolvers(config.dns)?
+    } else {
+        Vec::new()
+    };
+    let routes = outward::routes(&config.host_loopback, &resolvers);
+    let pasta_path = match config.net {
+        Net::Pasta => Some(pasta::find()?),
+        Net::None => None,
+    };
     // The kernel lets a process map only its effective ids into the namespace it creates.
     let uid = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
@@ -221,23 +245,27 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let mut own_fds: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
     own_fds.extend(config.ready_fd);
     // Forked while lowport is still in the host's network namespace, where it makes the sockets
-    // handed to a server that binds a second time or wants a dual-stack socket.
-    let factory = if handing {
-        let factory = Factory::spawn(&own_fds).map_err(|e| {
+    // handed to a server that binds a second time or wants a dual-stack socket, the sockets to host
+    // services, and starts pasta. One channel each for the handoff thread, the relays and pasta.
+    let mut factory = if handing || !routes.is_empty() || pasta_path.is_some() {
+        let factory = Factory::spawn(&own_fds, 3).map_err(|e| {
             if e.raw_os_error() == Some(libc::EAGAIN) {
                 LaunchError::Resources(format!(
-                    "cannot start the host socket factory (for socket handoff): {e} (the limit on this user's processes and threads, ulimit -u, is reached: raise it, or stop some of this user's processes)"
+                    "cannot start lowport's host side (for socket handoff, --host-loopback, --dns and --net pasta): {e} (the limit on this user's processes and threads, ulimit -u, is reached: raise it, or stop some of this user's processes)"
                 ))
             } else {
-                LaunchError::io("start the host socket factory")(e)
+                LaunchError::io("start lowport's host side")(e)
             }
         })?;
-        own_fds.push(factory.raw_fd());
+        own_fds.extend(factory.raw_fds());
         Some(factory)
     } else {
         None
     };
-    let _factory_reaper = factory.as_ref().map(|f| handoff::Reaper(f.pid()));
+    let _factory_reaper = factory.as_ref().map(|f| hostside::Reaper(f.pid()));
+    let handoff_channel = factory.as_mut().and_then(Factory::channel);
+    let outward_channel = factory.as_mut().and_then(Factory::channel);
+    let pasta_channel = factory.as_mut().and_then(Factory::channel);
     let helper = match &plan {
         Plan::Subids(p) => Some(MapHelper::spawn(p, &own_fds)?),
         Plan::Single { .. } => None,
@@ -251,9 +279,26 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // 5. Inside the network namespace.
     netns::loopback_up()?;
     netns::set_unprivileged_port_start(&proc_sys, config.port_start)?;
+    // With a way out, the relay's routes for client addresses would swallow outbound traffic.
+    let clients = match config.net {
+        Net::None if config.preserve_source => netns::Clients::Own,
+        _ => netns::Clients::StandIns,
+    };
     if relaying {
-        netns::route_replies_to_clients()?;
+        netns::route_replies_to_clients(clients)?;
     }
+    netns::make_local(&resolvers)?;
+    let inner = outward::bind_inside(&routes)?;
+    own_fds.extend(inner.iter().map(|i| match &i.socket {
+        outward::InnerSocket::Tcp(l) => l.as_raw_fd(),
+        outward::InnerSocket::Udp(u) => u.as_raw_fd(),
+    }));
+    // pasta joins the namespaces through /proc/PID/ns while lowport may still be inspected by its
+    // own user, and the command starts once the namespace has its way out.
+    let pasta = match (&pasta_path, &pasta_channel) {
+        (Some(_), Some(channel)) => Some(pasta::start(channel)?),
+        _ => None,
+    };
 
     // 6. The command.
     let close_in_helper = own_fds;
@@ -379,7 +424,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // 7. Nothing from here on needs a capability, in any namespace, but the handoff thread's
     // CAP_SYS_PTRACE in the namespace lowport made: it reads the server's bind arguments and socket.
     capabilities::drop_bounding()?;
-    if let (Some(listener), Some(factory)) = (listener, factory) {
+    if let (Some(listener), Some(factory)) = (listener, handoff_channel) {
         capabilities::drop_all_except(Some(capabilities::Capability::CAP_SYS_PTRACE))?;
         let handoff = handoff::Handoff::new(listener, ports, factory)
             .map_err(LaunchError::io("start the handoff"))?;
@@ -395,9 +440,16 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     capabilities::drop_all()?;
 
     let runtime = build_runtime(threads)?;
+    let outward = Outward {
+        inner,
+        channel: outward_channel,
+        resolvers,
+    };
+    let relays = controls.into_iter().zip(modes).collect();
     let status = runtime.block_on(supervise(
-        config, limits, sockets, controls, modes, started, signals,
+        config, limits, sockets, relays, outward, started, signals,
     ))?;
+    drop(pasta);
     // The helper has exited and was reaped: its pid may belong to another process now.
     command_guard.init = None;
     runtime.shutdown_background();
@@ -408,8 +460,8 @@ async fn supervise(
     config: Config,
     limits: Limits,
     sockets: Vec<HostSocket>,
-    controls: Vec<RelayControl>,
-    modes: Vec<&'static str>,
+    relays: Vec<(RelayControl, &'static str)>,
+    outward: Outward,
     started: Started,
     signals: SignalFd,
 ) -> Result<i32, LaunchError> {
@@ -417,7 +469,7 @@ async fn supervise(
     let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
     let mut udp_sockets = Vec::new();
     let mut bound = Vec::new();
-    for ((socket, control), mode) in sockets.into_iter().zip(controls).zip(modes) {
+    for (socket, (control, mode)) in sockets.into_iter().zip(relays) {
         bound.push((socket.spec.clone(), socket.addr, mode));
         if config.socket_activation {
             // The command owns its copies now; lowport's copies only have to outlive the readiness
@@ -426,7 +478,8 @@ async fn supervise(
         }
         let target = Target {
             port: socket.spec.port,
-            preserve_source: config.preserve_source,
+            // With a way out, only the stand-in addresses are local (see `netns::Clients`).
+            preserve_source: config.preserve_source && config.net == Net::None,
         };
         match socket.socket {
             Bound::Tcp(listener) => {
@@ -448,10 +501,33 @@ async fn supervise(
     if !udp_sockets.is_empty() {
         start_udp_relay(udp_sockets, config.udp_timeout, udp_flows)?;
     }
+    if let (false, Some(channel)) = (outward.inner.is_empty(), outward.channel) {
+        let host = channel.into_async().map_err(LaunchError::io(
+            "register the channel to lowport's host side",
+        ))?;
+        let shared = outward::Shared {
+            host: Arc::new(host),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1))),
+            half_closed_timeout: config.half_closed_timeout,
+            udp_timeout: config.udp_timeout,
+        };
+        outward::serve(outward.inner, &shared).map_err(LaunchError::io(
+            "register a socket lowport listens on inside",
+        ))?;
+    }
 
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
     if let Some(fd) = config.ready_fd {
-        report_ready(fd, started.child_pid, &bound);
+        let reaching = Reaching {
+            net: config.net.to_string(),
+            host_loopback: config
+                .host_loopback
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            dns: outward.resolvers.iter().map(ToString::to_string).collect(),
+        };
+        report_ready(fd, started.child_pid, &bound, reaching);
     }
     let status = wait_forwarding_signals(&signals, &started).await?;
     drop(started);
@@ -779,6 +855,54 @@ fn forward_signal(
 struct Ready {
     pid: u32,
     ports: Vec<ReadyPort>,
+    #[serde(flatten)]
+    reaching: Reaching,
+}
+
+/// What the command may reach outside its namespace.
+#[derive(serde::Serialize)]
+struct Reaching {
+    /// `none` or `pasta`.
+    net: String,
+    /// `--host-loopback` ports, as `3000/tcp` or `8000-8010/tcp`.
+    host_loopback: Vec<String>,
+    /// The resolvers mirrored inside (`--dns`, or `--net pasta`).
+    dns: Vec<String>,
+}
+
+/// What `supervise` starts for `--host-loopback` and `--dns`.
+struct Outward {
+    inner: Vec<outward::Inner>,
+    channel: Option<hostside::Channel>,
+    resolvers: Vec<std::net::IpAddr>,
+}
+
+/// The resolvers of the host's /etc/resolv.conf. With `--dns` (`asked`), a file without one is an
+/// error; `--net pasta` goes on without.
+fn read_resolvers(asked: bool) -> Result<Vec<std::net::IpAddr>, LaunchError> {
+    let path = "/etc/resolv.conf";
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if asked => {
+            return Err(LaunchError::Usage(format!(
+                "--dns: cannot read {path}: {err}; lowport mirrors the resolvers it names, so names resolve inside as on the host"
+            )))
+        }
+        Err(err) => {
+            debug!(?err, "no {path}; no resolver mirrored");
+            return Ok(Vec::new());
+        }
+    };
+    let (found, skipped) = outward::nameservers(&text);
+    for entry in skipped {
+        warn!(entry, "a nameserver of {path} that cannot be reached from inside (a link-local address needs its interface); programs inside skip to the next one");
+    }
+    if found.is_empty() && asked {
+        return Err(LaunchError::Usage(format!(
+            "--dns: {path} names no nameserver lowport can mirror; with none, programs inside (and on the host) ask 127.0.0.1:53, which --host-loopback 53/udp --host-loopback 53/tcp would reach"
+        )));
+    }
+    Ok(found)
 }
 
 #[derive(serde::Serialize)]
@@ -792,7 +916,12 @@ struct ReadyPort {
 }
 
 /// Writes the one JSON line of `--ready-fd` and closes the descriptor, so a reader sees end-of-file.
-fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr, &'static str)]) {
+fn report_ready(
+    fd: RawFd,
+    pid: u32,
+    bound: &[(PublishSpec, SocketAddr, &'static str)],
+    reaching: Reaching,
+) {
     let ports = bound
         .iter()
         .map(|(spec, addr, mode)| ReadyPort {
@@ -803,7 +932,12 @@ fn report_ready(fd: RawFd, pid: u32, bound: &[(PublishSpec, SocketAddr, &'static
             mode,
         })
         .collect();
-    let mut line = serde_json::to_string(&Ready { pid, ports }).unwrap_or_default();
+    let mut line = serde_json::to_string(&Ready {
+        pid,
+        ports,
+        reaching,
+    })
+    .unwrap_or_default();
     line.push('\n');
     // SAFETY: `run` checked at start that the descriptor is open; nothing else in lowport owns or uses
     // the number, and this report is the only place that takes it, once.
@@ -838,6 +972,9 @@ mod tests {
             socket_activation: false,
             forward: handoff::Mode::Auto,
             udp_timeout: std::time::Duration::from_secs(60),
+            host_loopback: Vec::new(),
+            net: Net::None,
+            dns: false,
             command: vec!["true".into()],
         }
     }

@@ -13,7 +13,11 @@
 //! - [`netns`]: inside the new network namespace, brings `lo` up and sets `ip_unprivileged_port_start`.
 //! - [`init`]: starts a pid-1 helper in a new pid namespace and the command under it; the helper
 //!   forwards signals, reaps, and dies with the launcher, taking every process of the command along.
+//! - [`hostside`]: a process left in the host's network namespace that makes host sockets later on
+//!   and starts pasta.
 //! - [`handoff`]: answers the server's bind of a published port with the host socket itself.
+//! - [`outward`]: `--host-loopback` and `--dns`: chosen host services and resolvers, mirrored inside.
+//! - [`pasta`]: `--net pasta`, full outbound traffic through pasta.
 //! - [`forward`]: relays each host connection to the port inside with splice(2), on a tokio runtime
 //!   that starts only after the namespaces exist.
 //! - [`udp`]: the UDP relay, one inner socket per client flow, bounded; [`sockdiag`] tells it which
@@ -25,9 +29,12 @@ pub mod capabilities;
 pub mod forward;
 pub mod handoff;
 pub mod host;
+pub mod hostside;
 pub mod init;
 pub mod launch;
 pub mod netns;
+pub mod outward;
+pub mod pasta;
 pub mod publish;
 pub mod rtnetlink;
 pub mod sockdiag;

@@ -27,7 +27,9 @@ struct Cli {
 enum Command {
     /// Run COMMAND in new user and network namespaces, with host ports published to it
     #[command(
-        after_long_help = "EXAMPLES:\n  lowport run -p 8080:80 -- nginx -g 'daemon off;'\n  lowport run -p 127.0.0.1:8080:80 -p 8443:443 -- ./server\n  lowport run -p 0:80 --ready-fd 3 -- python3 -m http.server 80 3>ready.json\n  lowport run -- bash            # a shell in which `id` says uid 0\n\nEXIT STATUS:\n  The command's own status, or 128+N when signal N killed it; 2 for bad usage; 125 when lowport\n  itself fails before the command runs; 126 when the command cannot run; 127 when it is not found."
+        after_long_help = "EXAMPLES:\n  lowport run -p 8080:80 -- nginx -g 'daemon off;'\n  lowport run -p 127.0.0.1:8080:80 -p 8443:443 -- ./server\n  lowport run -p 0:80 --ready-fd 3 -- python3 -m http.server 80 3>ready.json\n  lowport run -p 8080:80 --host-loopback 3000 -- nginx -g 'daemon off;'   # proxy_pass to an app on the host
+  lowport run --net pasta -- curl https://example.org/
+  lowport run -- bash            # a shell in which `id` says uid 0\n\nEXIT STATUS:\n  The command's own status, or 128+N when signal N killed it; 2 for bad usage; 125 when lowport\n  itself fails before the command runs; 126 when the command cannot run; 127 when it is not found."
     )]
     Run(RunArgs),
 }
@@ -105,6 +107,26 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     udp_timeout: Duration,
 
+    /// Make a service on the host's loopback reachable inside: 127.0.0.1:PORT and [::1]:PORT inside
+    /// reach the same address and port on the host, so `proxy_pass http://127.0.0.1:3000` or
+    /// DATABASE_URL=postgres://127.0.0.1:5432 work unchanged. Nothing else of the host is reachable.
+    /// A range FIRST-LAST names up to 1024 ports. TCP unless /udp. Repeatable
+    #[arg(long, value_name = "PORT[-LAST][/tcp|udp]")]
+    host_loopback: Vec<lowport::outward::HostPorts>,
+
+    /// The command's way out. `none`: no network beyond lowport's own (published ports,
+    /// --host-loopback, --dns). `pasta`: full outbound traffic through pasta (package passt), which
+    /// lowport starts for the namespace with every automatic port forward and the host-loopback
+    /// mapping off, and stops with the run; implies --dns
+    #[arg(long, value_enum, default_value_t = lowport::pasta::Net::None, value_name = "MODE")]
+    net: lowport::pasta::Net,
+
+    /// Names resolve inside as on the host: lowport listens inside on each resolver address of the
+    /// host's /etc/resolv.conf (port 53, UDP and TCP) and relays to the same resolver from the host, a
+    /// resolver on the host's loopback (systemd-resolved's 127.0.0.53) included
+    #[arg(long)]
+    dns: bool,
+
     /// The program to run and its arguments (put `--` before it when it takes options of its own)
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -129,6 +151,9 @@ fn main() -> ExitCode {
         socket_activation: args.socket_activation,
         forward: args.forward,
         udp_timeout: args.udp_timeout,
+        host_loopback: args.host_loopback,
+        net: args.net,
+        dns: args.dns,
         command: args.command,
     };
     match lowport::run(config) {

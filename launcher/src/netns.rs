@@ -17,7 +17,7 @@ use crate::sys;
 pub enum NetnsError {
     #[error("cannot bring up the loopback interface in the new network namespace: {0}")]
     LoopbackUp(#[source] io::Error),
-    #[error("cannot set up the routes the relay needs inside ({step}): {source} (the relay binds each client's address, or 192.0.0.8, inside; see docs/how-it-works.md)")]
+    #[error("cannot set up the routes lowport needs inside ({step}): {source} (the relay binds each client's address, or 192.0.0.8, inside, and --dns listens on each resolver's address; see docs/how-it-works.md)")]
     Routing {
         step: &'static str,
         #[source]
@@ -57,12 +57,44 @@ const TABLE_REPLIES_V6: u32 = 100;
 /// from ::1 are looked up in a table whose default route is `local ::/0 dev lo`, which leaves every other
 /// IPv6 lookup as it was.
 ///
+/// With a way out (`--net pasta`) those routes would swallow outbound traffic, and a UDP server answering
+/// from a wildcard socket would answer into the outside network. The relay then shows every client that
+/// is not on the host's loopback as RFC 7600's 192.0.0.8 (64:ff9b::c000:8 over IPv6), and only these two
+/// addresses are made local (`Clients::StandIns`); handed-over sockets see every client as it is.
+///
 /// The design notes proposed IP_TRANSPARENT instead; it needs CAP_NET_ADMIN or CAP_NET_RAW at every
 /// connection, which would keep a capability in the long-running relay. docs/how-it-works.md explains.
-pub fn route_replies_to_clients() -> Result<(), NetnsError> {
+pub fn route_replies_to_clients(clients: Clients) -> Result<(), NetnsError> {
     let step = |step: &'static str| move |source: io::Error| NetnsError::Routing { step, source };
     let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| step("find lo")(e.into()))?;
     let mut nl = Rtnl::open().map_err(step("open a netlink socket"))?;
+    if clients == Clients::StandIns {
+        nl.add_local_route(
+            Prefix {
+                addr: IpAddr::V4(crate::forward::RELAY_V4),
+                len: 32,
+            },
+            lo,
+            None,
+            TABLE_LOCAL,
+        )
+        .map_err(step("ip route add local 192.0.0.8 dev lo table local"))?;
+        match nl.add_local_route(
+            Prefix {
+                addr: IpAddr::V6(crate::forward::nat64(crate::forward::RELAY_V4)),
+                len: 128,
+            },
+            lo,
+            None,
+            TABLE_LOCAL,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(()),
+            other => other.map_err(step(
+                "ip -6 route add local 64:ff9b::c000:8 dev lo table local",
+            ))?,
+        }
+        return Ok(());
+    }
     let any_v4 = Prefix {
         addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         len: 0,
@@ -99,6 +131,33 @@ pub fn route_replies_to_clients() -> Result<(), NetnsError> {
         2,
     )
     .map_err(step("ip -6 rule add from ::1 lookup 100 pref 2"))?;
+    Ok(())
+}
+
+/// Which client addresses the relay may connect from inside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    /// Each client's own address: every address is local (no way out).
+    Own,
+    /// 192.0.0.8 and 64:ff9b::c000:8 only, so that outbound traffic leaves.
+    StandIns,
+}
+
+/// Makes each address local to the namespace (`ip route add local ADDR dev lo table local`), so that
+/// lowport can listen on a resolver's address inside and what is sent to it stays inside. Loopback
+/// addresses are local already.
+pub fn make_local(addrs: &[IpAddr]) -> Result<(), NetnsError> {
+    let step = |step: &'static str| move |source: io::Error| NetnsError::Routing { step, source };
+    let lo = nix::net::if_::if_nametoindex("lo").map_err(|e| step("find lo")(e.into()))?;
+    let mut nl = Rtnl::open().map_err(step("open a netlink socket"))?;
+    for addr in addrs.iter().filter(|a| !a.is_loopback()) {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        match nl.add_local_route(Prefix { addr: *addr, len }, lo, None, TABLE_LOCAL) {
+            // Local already (the relay's route for every IPv4 address is more general).
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            other => other.map_err(step("ip route add local RESOLVER dev lo table local"))?,
+        }
+    }
     Ok(())
 }
 

@@ -241,6 +241,13 @@ pub fn register_signalfd(
         .map_err(|e| e.into_parts().1)
 }
 
+/// Registers a socket lowport owns with tokio, for reading and writing.
+pub fn register_owned(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its descriptor open for its whole life and always returns the same
+    // number from as_raw_fd.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
 /// The seccomp filter every command runs under (see [`install_command_filter`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterKind {
@@ -723,4 +730,49 @@ pub fn notif_sync_wakeup(listener: std::os::fd::BorrowedFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sends `signal` to the process of `pidfd` (pidfd_send_signal(2), Linux 5.1).
+pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: a descriptor, a signal number, a null siginfo (the kernel fills it as for kill) and
+    // no flags; no memory is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// In a forked child: stdin and stdout on /dev/null, stderr on `stderr`, `keep` left open across
+/// exec, every signal unblocked and SIGPIPE back to its default (Rust ignores it, and an ignored
+/// signal stays ignored across exec), then exec `argv` (argv[0] is the program's path). Never
+/// returns: exits 127 when exec fails.
+pub fn exec_with_stdio(
+    argv: &[std::ffi::CString],
+    stderr: std::os::fd::BorrowedFd,
+    keep: RawFd,
+) -> ! {
+    reset_signal_to_default(nix::sys::signal::Signal::SIGPIPE);
+    let _ = nix::sys::signal::SigSet::all().thread_unblock();
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR,
+        nix::sys::stat::Mode::empty(),
+    );
+    if let Ok(null) = null {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+    let _ = nix::unistd::dup2(stderr.as_raw_fd(), 2);
+    let _ = set_cloexec(keep, false);
+    let _ = nix::unistd::execv(&argv[0], argv);
+    exit_now(127)
 }
