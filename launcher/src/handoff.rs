@@ -135,8 +135,10 @@ pub struct Port {
     pub spec: PublishSpec,
     /// The host address and port as bound.
     pub addr: SocketAddr,
-    /// False for a host port that needed privilege (below the host's `ip_unprivileged_port_start`):
-    /// such a socket is relayed, never handed over (see `launch::refuse_privileged_activation`).
+    /// False for a host port that needed privilege (below the host's `ip_unprivileged_port_start`,
+    /// see `launch::refuse_privileged_activation`) and for a UDP port under `--forward auto` (a
+    /// handed UDP socket could send anywhere from the host's network namespace): such a socket is
+    /// relayed, never handed over.
     pub eligible: bool,
     /// lowport's copy of the host socket, and its relay, until the socket is handed over or released.
     reserved: Option<OwnedFd>,
@@ -204,6 +206,10 @@ struct ServerSocket {
     cloexec: bool,
 }
 
+/// How long a connect to a host service may take before it is handed over still connecting (or,
+/// for a blocking caller, left to the relay): a connect on the host's loopback takes microseconds.
+const CONNECT_WAIT_MS: u16 = 20;
+
 /// Boolean options copied from the server's socket to the host socket, for each level.
 const COPIED: [(i32, i32); 6] = [
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
@@ -240,10 +246,43 @@ pub struct Handoff {
     reader: Reader,
     warned: bool,
     warned_transient: bool,
+    /// The addresses `--host-loopback` and `--dns` mirror over TCP: a connect to one of them gets a
+    /// host socket connected to it (see [`Handoff::connect_out`]).
+    routes: Vec<SocketAddr>,
+    /// The cookie of the host's network namespace (SO_NETNS_COOKIE), which tells a host socket the
+    /// server holds from one of its own; `None` on kernels before 5.14, which get no connect handoff.
+    host_cookie: Option<u64>,
+    /// The cookie of lowport's own network namespace.
+    inner_cookie: Option<u64>,
+    /// The epoll instances of each server process, for re-registering a replaced socket.
+    epolls: EpollCache,
 }
 
 impl Handoff {
-    pub fn new(listener: OwnedFd, ports: Vec<Port>, factory: Channel) -> io::Result<Handoff> {
+    pub fn new(
+        listener: OwnedFd,
+        ports: Vec<Port>,
+        factory: Channel,
+        routes: Vec<SocketAddr>,
+    ) -> io::Result<Handoff> {
+        let host_cookie = factory
+            .socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
+            .and_then(|s| sys::netns_cookie(s.as_fd()));
+        let host_cookie = match host_cookie {
+            Ok(c) => Some(c),
+            Err(err) => {
+                debug!(
+                    ?err,
+                    "no SO_NETNS_COOKIE (Linux 5.14); host services are relayed, never handed"
+                );
+                None
+            }
+        };
+        let routes = if host_cookie.is_some() {
+            routes
+        } else {
+            Vec::new()
+        };
         let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
         let userns = std::fs::metadata("/proc/thread-self/ns/user")?.ino();
         if let Err(err) = sys::notif_sync_wakeup(listener.as_fd()) {
@@ -262,11 +301,28 @@ impl Handoff {
             reader: Reader::default(),
             warned: false,
             warned_transient: false,
+            routes,
+            host_cookie,
+            inner_cookie: sys::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
+                .and_then(|s| sys::netns_cookie(s.as_fd()))
+                .ok(),
+            epolls: EpollCache::default(),
         })
     }
 
     /// Answers notifications until no process runs under the filter any more.
     pub fn run(mut self) {
+        // A descriptor table of this thread's own, where a host socket can be put at the number the
+        // server knows it by (see `EpollCache`); without one, connects are relayed.
+        if !self.routes.is_empty() {
+            if let Err(err) = sys::unshare_files() {
+                debug!(
+                    ?err,
+                    "no descriptor table of the handoff's own; host services are relayed"
+                );
+                self.routes.clear();
+            }
+        }
         loop {
             let mut fds = [nix::poll::PollFd::new(
                 self.listener.as_fd(),
@@ -297,7 +353,7 @@ impl Handoff {
                 }
             };
             let answer = self.answer(&notif);
-            debug!(tid = notif.tid, ?answer, "bind answered");
+            debug!(tid = notif.tid, nr = notif.nr, ?answer, "answered");
             let sent = match answer {
                 Answer::Gone => continue,
                 Answer::Continue => sys::notif_answer(self.listener.as_fd(), notif.id, None),
@@ -313,7 +369,16 @@ impl Handoff {
     }
 
     fn answer(&mut self, notif: &sys::Notification) -> Answer {
-        if (notif.arch, notif.nr) != sys::NATIVE_BIND {
+        if notif.arch != sys::NATIVE_BIND.0 {
+            return Answer::Continue;
+        }
+        if notif.nr == sys::NATIVE_CONNECT.1 {
+            return self.answer_connect(notif);
+        }
+        if let Some(&(_, flags)) = sys::NATIVE_SENDS.iter().find(|(nr, _)| *nr == notif.nr) {
+            return self.answer_fast_open(notif, flags);
+        }
+        if notif.nr != sys::NATIVE_BIND.1 {
             return Answer::Continue;
         }
         let tid = notif.tid as i32;
@@ -342,7 +407,7 @@ impl Handoff {
         if !asked.addr.ip().is_unspecified()
             || !self.ports.iter().any(|p| p.spec.port == asked.addr.port())
         {
-            return Answer::Continue;
+            return self.inner_only(tid, asked.fd, "bind");
         }
         // A process of a namespace of its own (a nested lowport, a container) binds there.
         match std::fs::metadata(format!("/proc/{tid}/ns/net")) {
@@ -355,6 +420,288 @@ impl Handoff {
             Err(Early(answer)) => return answer,
         };
         self.hand_over(notif, tid, asked, socket)
+    }
+
+    /// Reads the address a `connect` (or a send with MSG_FASTOPEN) was called with.
+    fn read_addr(
+        &mut self,
+        notif: &sys::Notification,
+        ptr: u64,
+        len: usize,
+    ) -> Result<Option<SocketAddr>, Answer> {
+        let mut bytes = [0u8; 28];
+        let want = len.min(bytes.len());
+        let addr = match self.reader.read(notif.tid as i32, ptr, &mut bytes[..want]) {
+            Ok(n) => parse_sockaddr(&bytes[..n], len),
+            Err(err) => {
+                if err.kind() != io::ErrorKind::TimedOut {
+                    self.cannot_inspect(&err);
+                }
+                None
+            }
+        };
+        if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
+            return Err(Answer::Gone);
+        }
+        Ok(addr)
+    }
+
+    /// A copy of the server's descriptor `fd` when it is a socket; `None` otherwise.
+    fn copy_socket(&mut self, tid: i32, fd: RawFd) -> Option<OwnedFd> {
+        let tgid = || {
+            std::fs::read_to_string(format!("/proc/{tid}/status"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        // Only a socket is copied: closing a copy of some other file (one on a FUSE file system the
+        // server serves itself, say) could wait on the server for ever.
+        let is_socket = std::fs::read_link(format!("/proc/{tid}/fd/{fd}"))
+            .is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:["));
+        if !is_socket {
+            return None;
+        }
+        match sys::pidfd_open_thread(tid, tgid)
+            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd))
+        {
+            Ok(copy) => Some(copy),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
+            Err(err) => {
+                self.cannot_inspect(&err);
+                None
+            }
+        }
+    }
+
+    /// As [`Handoff::copy_socket`], with the socket's inode, read from the same link.
+    fn copy_socket_with_inode(&mut self, tid: i32, fd: RawFd) -> Option<(OwnedFd, u64)> {
+        let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).ok()?;
+        let ino = link
+            .to_str()?
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()?;
+        match sys::pidfd_open_thread(tid, || thread_group(tid))
+            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd))
+        {
+            Ok(copy) => Some((copy, ino)),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
+            Err(err) => {
+                self.cannot_inspect(&err);
+                None
+            }
+        }
+    }
+
+    /// Whether `socket` belongs to the host's network namespace: one lowport handed over.
+    fn is_host(&self, socket: &OwnedFd) -> bool {
+        self.host_cookie
+            .is_some_and(|host| sys::netns_cookie(socket.as_fd()).is_ok_and(|c| c == host))
+    }
+
+    /// A bind, connect or fast-open send lowport does not take over runs inside, unless the socket
+    /// is one of the host's: a handed socket may do in the host's network namespace only what it was
+    /// handed for. (A listener can be turned back into a plain socket with connect(AF_UNSPEC); bound
+    /// again or connected, it would open a port or reach a service of the host.)
+    fn inner_only(&mut self, tid: i32, fd: RawFd, call: &'static str) -> Answer {
+        if self.host_cookie.is_none() {
+            return Answer::Continue;
+        }
+        match self.copy_socket(tid, fd) {
+            Some(copy) if self.is_host(&copy) => {
+                warn!(tid, call, "the command tried to use a host socket lowport handed over for something else; refused (EPERM)");
+                Answer::Return(libc::EPERM)
+            }
+            _ => Answer::Continue,
+        }
+    }
+
+    /// A send with MSG_FASTOPEN connects an unconnected TCP socket: only inside.
+    fn answer_fast_open(&mut self, notif: &sys::Notification, _flags: usize) -> Answer {
+        if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
+            return Answer::Gone;
+        }
+        self.inner_only(
+            notif.tid as i32,
+            notif.args[0] as i32,
+            "send with MSG_FASTOPEN",
+        )
+    }
+
+    /// A connect to an address `--host-loopback` or `--dns` mirrors gets a host socket connected to
+    /// that address on the host, so the server talks to the host service directly, with nothing of
+    /// lowport's in between. Anything else runs inside (a host socket may not connect elsewhere).
+    ///
+    /// This runs for every connect the command makes to an IPv4 or IPv6 address while it waits, so
+    /// it makes as few system calls as it can (about 40 for a handed connect).
+    fn answer_connect(&mut self, notif: &sys::Notification) -> Answer {
+        let tid = notif.tid as i32;
+        let fd = notif.args[0] as i32;
+        let len = (notif.args[2] as u32) as usize;
+        let addr = match self.read_addr(notif, notif.args[1], len) {
+            Ok(Some(addr)) => addr,
+            // AF_UNSPEC (which disconnects), AF_UNIX and others: nothing to take over, nothing out.
+            Ok(None) => return Answer::Continue,
+            Err(answer) => return answer,
+        };
+        let mirrored = self.routes.contains(&crate::forward::unmapped(addr));
+        let Some((server, ino)) = self.copy_socket_with_inode(tid, fd) else {
+            return Answer::Continue;
+        };
+        let cookie = sys::netns_cookie(server.as_fd()).ok();
+        if cookie.is_some() && cookie == self.host_cookie {
+            if mirrored {
+                return Answer::Continue;
+            }
+            warn!(tid, %addr, "the command tried to connect a host socket lowport handed over; refused (EPERM)");
+            return Answer::Return(libc::EPERM);
+        }
+        // Only a socket of lowport's own namespace: one of a nested namespace (a nested lowport, a
+        // container) connects there.
+        if !mirrored || cookie.is_none() || cookie != self.inner_cookie {
+            return Answer::Continue;
+        }
+        self.connect_out(notif, tid, fd, addr, server, ino)
+    }
+
+    /// Connects a fresh host socket to `addr` (the copy lowport read, so the server cannot change
+    /// it afterwards) and puts it in place of the server's socket. A blocking connect to the host's
+    /// loopback completes at once or is refused at once; one that does not within a moment (the
+    /// service's backlog is full) is handed over still connecting to a non-blocking caller, which
+    /// waits for it as it would have; a blocking caller's connect then runs inside instead, where
+    /// lowport's relay of the same address takes it.
+    fn connect_out(
+        &mut self,
+        notif: &sys::Notification,
+        tid: i32,
+        fd: RawFd,
+        addr: SocketAddr,
+        server: OwnedFd,
+        ino: u64,
+    ) -> Answer {
+        let int = |level, name| sys::get_int_option(server.as_fd(), level, name);
+        let (Ok(domain), Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) = (
+            int(libc::SOL_SOCKET, libc::SO_DOMAIN),
+            int(libc::SOL_SOCKET, libc::SO_TYPE),
+            int(libc::SOL_SOCKET, libc::SO_PROTOCOL),
+        ) else {
+            return Answer::Continue;
+        };
+        let family_matches = match addr {
+            SocketAddr::V4(_) => domain == libc::AF_INET,
+            SocketAddr::V6(_) => domain == libc::AF_INET6,
+        };
+        // Bound (to a source address or port of its choice, or listening) or connected already,
+        // or tied to an interface of the namespace: inside.
+        let bound =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(server.as_raw_fd())
+                .ok()
+                .is_some_and(|local| {
+                    local
+                        .as_sockaddr_in()
+                        .is_some_and(|a| a.port() != 0 || a.ip() != Ipv4Addr::UNSPECIFIED)
+                        || local
+                            .as_sockaddr_in6()
+                            .is_some_and(|a| a.port() != 0 || !a.ip().is_unspecified())
+                });
+        if !family_matches || bound {
+            return Answer::Continue;
+        }
+        let tied = nix::sys::socket::getsockopt(&server, nix::sys::socket::sockopt::BindToDevice)
+            .is_ok_and(|dev| !dev.is_empty());
+        if tied {
+            return Answer::Continue;
+        }
+        let Some((nonblocking, cloexec)) = fd_flags(tid, fd) else {
+            return Answer::Continue;
+        };
+        // An event loop may have registered the socket with epoll before connecting (nginx does):
+        // the host socket must be registered in its place, or the server would wait for ever.
+        let Some(watchers) = self.epolls.watchers(tid, fd, ino) else {
+            return Answer::Continue;
+        };
+        // Made non-blocking by the host side.
+        let host = match self.factory.tcp_socket(domain) {
+            Ok(h) => h,
+            Err(err) => {
+                debug!(
+                    ?err,
+                    "no host socket for a connect; it runs inside, through the relay"
+                );
+                return Answer::Continue;
+            }
+        };
+        // Options a client sets before connecting that change what the connection does.
+        for (level, name) in [
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        ] {
+            if let Ok(v @ 1..) = int(level, name) {
+                let _ = sys::set_int_option(host.as_fd(), level, name, v);
+            }
+        }
+        let storage = nix::sys::socket::SockaddrStorage::from(addr);
+        let result = match nix::sys::socket::connect(host.as_raw_fd(), &storage) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EINPROGRESS) => {
+                let mut fds = [nix::poll::PollFd::new(
+                    host.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(CONNECT_WAIT_MS)) {
+                    Ok(n) if n > 0 => match nix::sys::socket::getsockopt(
+                        &host,
+                        nix::sys::socket::sockopt::SocketError,
+                    ) {
+                        Ok(0) => Ok(true),
+                        Ok(errno) => Err(errno),
+                        Err(e) => Err(e as i32),
+                    },
+                    _ => Ok(false),
+                }
+            }
+            Err(e) => Err(e as i32),
+        };
+        let connected = match result {
+            // Refused or unreachable: the caller sees what it would have seen, its socket untouched.
+            Err(errno) => return Answer::Return(errno),
+            Ok(connected) => connected,
+        };
+        if !connected && !nonblocking {
+            return Answer::Continue;
+        }
+        if !nonblocking && sys::set_nonblocking_flag(host.as_fd(), false).is_err() {
+            return Answer::Continue;
+        }
+        for w in &watchers {
+            let registered = self.epolls.copy(tid, w.epoll).and_then(|epoll| {
+                sys::epoll_add_as(epoll.as_fd(), host.as_fd(), fd, w.events, w.data)
+            });
+            if let Err(err) = registered {
+                // The registrations made so far go with `host`, which no one else holds.
+                debug!(?err, epoll = w.epoll, "cannot register the host socket in the server's epoll; the connect runs inside");
+                return Answer::Continue;
+            }
+        }
+        // ENOENT: the caller was killed or interrupted meanwhile; `host` goes with this answer.
+        match sys::notif_replace_fd(self.listener.as_fd(), notif.id, host.as_fd(), fd, cloexec) {
+            Ok(()) => {
+                debug!(tid, %addr, connected, "handed a host socket connected to a host service");
+                Answer::Return(if connected { 0 } else { libc::EINPROGRESS })
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Answer::Gone,
+            Err(err) => {
+                debug!(
+                    ?err,
+                    "cannot hand the connected host socket over; the connect runs inside"
+                );
+                Answer::Continue
+            }
+        }
     }
 
     /// Copies the server's socket and reads its state; `Ok(None)` when it is not one to hand off.
@@ -831,6 +1178,43 @@ fn prepare(host: &OwnedFd, server: &OwnedFd, state: &ServerSocket, fresh: bool) 
 }
 
 /// Whether descriptor `fd` of thread `tid` is close-on-exec: the `flags` line of its fdinfo, in octal.
+/// Whether descriptor `fd` of thread `tid` is non-blocking and close-on-exec, from one read of its
+/// fdinfo.
+fn fd_flags(tid: i32, fd: RawFd) -> Option<(bool, bool)> {
+    let info = read_proc(&format!("/proc/{tid}/fdinfo/{fd}"), 512)?;
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+    Some((
+        flags & libc::O_NONBLOCK as u32 != 0,
+        flags & libc::O_CLOEXEC as u32 != 0,
+    ))
+}
+
+/// A /proc file of at most `max` bytes, in as few reads as it takes (std's `read_to_string` asks
+/// for the size first and reads in small steps).
+fn read_proc(path: &str, max: usize) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 4096.min(max)];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if buf.len() >= max {
+                return None;
+            }
+            buf.resize((buf.len() * 4).min(max), 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
+}
+
 fn fd_cloexec(tid: i32, fd: RawFd) -> bool {
     std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))
         .ok()
@@ -939,4 +1323,133 @@ mod tests {
             Some(vec![2])
         );
     }
+}
+
+/// One epoll registration of a server's socket, as its epoll instance's fdinfo shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Watcher {
+    /// The server's descriptor number of the epoll instance.
+    epoll: RawFd,
+    events: u32,
+    data: u64,
+}
+
+/// The epoll instances of each server thread's descriptor table, found by a scan of its descriptors
+/// (kept by thread id: reading each thread's group would cost a /proc read per connect).
+///
+/// A socket replaced at connect time must be registered where the server registered the one it
+/// replaces, with the same events, data and descriptor number. Scanning every descriptor of a busy
+/// server at each connect would cost more than the relay saves, so the epoll instances found are
+/// kept, and the scan is repeated only when the socket is in none of them and the last scan is over
+/// [`EPOLL_RESCAN`] old. A process with more than [`EPOLL_SCAN_MAX`] descriptors is not scanned: its
+/// connects are relayed.
+#[derive(Debug, Default)]
+struct EpollCache {
+    known: std::collections::HashMap<i32, (Vec<RawFd>, std::time::Instant)>,
+}
+
+const EPOLL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
+const EPOLL_SCAN_MAX: usize = 4096;
+
+impl EpollCache {
+    /// The registrations of the server's socket `fd` (whose copy is `socket`); `None` when they
+    /// cannot be known.
+    fn watchers(&mut self, tid: i32, fd: RawFd, ino: u64) -> Option<Vec<Watcher>> {
+        let now = std::time::Instant::now();
+        if let Some((epolls, scanned)) = self.known.get(&tid) {
+            let found = registrations(tid, epolls, fd, ino);
+            if !found.is_empty() || now.duration_since(*scanned) < EPOLL_RESCAN {
+                return Some(found);
+            }
+        }
+        let epolls = scan_epolls(tid)?;
+        let found = registrations(tid, &epolls, fd, ino);
+        if self.known.len() > 256 {
+            self.known.clear();
+        }
+        self.known.insert(tid, (epolls, now));
+        Some(found)
+    }
+
+    /// A copy of the server's epoll instance `epoll`.
+    fn copy(&self, tid: i32, epoll: RawFd) -> io::Result<OwnedFd> {
+        sys::pidfd_open_thread(tid, || thread_group(tid))
+            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), epoll))
+    }
+}
+
+fn thread_group(tid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The descriptor numbers of thread `tid`'s epoll instances; `None` when they cannot be listed.
+fn scan_epolls(tid: i32) -> Option<Vec<RawFd>> {
+    let dir = std::fs::read_dir(format!("/proc/{tid}/fd")).ok()?;
+    let mut epolls = Vec::new();
+    for (n, entry) in dir.enumerate() {
+        if n >= EPOLL_SCAN_MAX {
+            return None;
+        }
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]")
+        {
+            epolls.push(fd);
+        }
+    }
+    Some(epolls)
+}
+
+/// The registrations of socket `fd` (inode `ino`) in the epoll instances `epolls` of thread `tid`.
+fn registrations(tid: i32, epolls: &[RawFd], fd: RawFd, ino: u64) -> Vec<Watcher> {
+    let mut out = Vec::new();
+    for &epoll in epolls {
+        let Some(info) = read_proc(&format!("/proc/{tid}/fdinfo/{epoll}"), 1 << 20) else {
+            continue;
+        };
+        out.extend(
+            parse_epoll_fdinfo(&info, fd, ino).map(|(events, data)| Watcher {
+                epoll,
+                events,
+                data,
+            }),
+        );
+    }
+    out
+}
+
+/// The `events` and `data` of the line for descriptor `fd` with inode `ino` in an epoll instance's
+/// fdinfo: `tfd:        4 events: 8000001d data:                4  pos:0 ino:27f80b0 sdev:9`.
+fn parse_epoll_fdinfo(info: &str, fd: RawFd, ino: u64) -> Option<(u32, u64)> {
+    info.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let mut field = |name: &str| {
+            let key = words.next()?;
+            if key != name {
+                return None;
+            }
+            words.next()
+        };
+        let tfd: RawFd = field("tfd:")?.parse().ok()?;
+        let events = u32::from_str_radix(field("events:")?, 16).ok()?;
+        let data = u64::from_str_radix(field("data:")?, 16).ok()?;
+        let rest: Vec<&str> = words.collect();
+        let line_ino = rest
+            .iter()
+            .find_map(|w| w.strip_prefix("ino:"))
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        (tfd == fd && line_ino.is_none_or(|i| i == ino)).then_some((events, data))
+    })
 }

@@ -21,6 +21,10 @@ use crate::sys;
 
 /// The request for a socket: `[OP_SOCKET, domain, type, protocol]`, native-endian `i32`s.
 const OP_SOCKET: i32 = 1;
+/// The request for up to 16 sockets at once: `[OP_SOCKETS, domain, type, count]`.
+const OP_SOCKETS: i32 = 3;
+/// How many TCP sockets a channel keeps ready for connects to host services.
+const POOL: i32 = 8;
 /// The request to start pasta for lowport's namespaces: `[OP_PASTA, lowport's pid, 0, 0]`.
 pub(crate) const OP_PASTA: i32 = 2;
 const REQUEST: usize = 16;
@@ -77,7 +81,10 @@ impl Factory {
 
     /// Hands out the next channel; `None` when all are taken.
     pub fn channel(&mut self) -> Option<Channel> {
-        self.channels.pop().map(|sock| Channel { sock })
+        self.channels.pop().map(|sock| Channel {
+            sock,
+            pool: Vec::new(),
+        })
     }
 }
 
@@ -85,6 +92,8 @@ impl Factory {
 #[derive(Debug)]
 pub struct Channel {
     sock: OwnedFd,
+    /// Host TCP sockets made ahead, by domain, so that a connect costs no round trip most times.
+    pool: Vec<(i32, Vec<OwnedFd>)>,
 }
 
 impl Channel {
@@ -102,6 +111,38 @@ impl Channel {
             nix::sys::socket::MsgFlags::empty(),
         )?;
         socket_answer(got, &answer)
+    }
+
+    /// A new non-blocking TCP socket of the host's network namespace for `domain`, from the pool,
+    /// which is filled [`POOL`] sockets at a time.
+    pub fn tcp_socket(&mut self, domain: i32) -> io::Result<OwnedFd> {
+        let i = match self.pool.iter().position(|(d, _)| *d == domain) {
+            Some(i) => i,
+            None => {
+                self.pool.push((domain, Vec::new()));
+                self.pool.len() - 1
+            }
+        };
+        if let Some(fd) = self.pool[i].1.pop() {
+            return Ok(fd);
+        }
+        sys::send_with_fd(
+            self.sock.as_raw_fd(),
+            &request(OP_SOCKETS, [domain, libc::SOCK_STREAM, POOL]),
+            None,
+        )?;
+        let mut answer = [0u8; 4];
+        let (n, mut fds) = sys::recv_with_fds(self.sock.as_fd(), &mut answer)?;
+        if n != 4 {
+            return Err(io::Error::other("lowport's host side has stopped"));
+        }
+        match fds.pop() {
+            Some(fd) => {
+                self.pool[i].1 = fds;
+                Ok(fd)
+            }
+            None => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(answer))),
+        }
     }
 
     /// Sends one request and waits for its answer, which may carry a descriptor and some text.
@@ -276,6 +317,29 @@ fn serve_one(sock: &OwnedFd, pasta: &mut crate::pasta::HostSide) -> bool {
                 ),
             };
             sent.is_ok()
+        }
+        OP_SOCKETS => {
+            let (domain, kind, count) = (field(1), field(2), field(3).clamp(1, 16));
+            let mut made = Vec::new();
+            let mut error = 0;
+            if matches!(domain, libc::AF_INET | libc::AF_INET6)
+                && matches!(kind, libc::SOCK_STREAM | libc::SOCK_DGRAM)
+            {
+                // Non-blocking: lowport connects them without waiting.
+                for _ in 0..count {
+                    match sys::socket(domain, kind | libc::SOCK_NONBLOCK, 0) {
+                        Ok(fd) => made.push(fd),
+                        Err(e) => {
+                            error = e.raw_os_error().unwrap_or(libc::EINVAL);
+                            break;
+                        }
+                    }
+                }
+            } else {
+                error = libc::EINVAL;
+            }
+            let fds: Vec<_> = made.iter().map(AsFd::as_fd).collect();
+            sys::send_with_fds(sock.as_raw_fd(), &error.to_ne_bytes(), &fds).is_ok()
         }
         OP_PASTA => {
             let (text, pidfd) = pasta.start(field(1));

@@ -183,6 +183,18 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         Vec::new()
     };
     let routes = outward::routes(&config.host_loopback, &resolvers);
+    // A connect to a mirrored TCP address is answered with a host socket connected to it, under the
+    // same filter as the binds (see `handoff::Handoff::connect_out`).
+    let connect_routes: Vec<SocketAddr> =
+        if config.forward != handoff::Mode::Relay && handoff::kernel_refusal().is_none() {
+            routes
+                .iter()
+                .filter(|r| r.protocol == crate::publish::Protocol::Tcp)
+                .map(|r| r.addr)
+                .collect()
+        } else {
+            Vec::new()
+        };
     let pasta_path = match config.net {
         Net::Pasta => Some(pasta::find()?),
         Net::None => None,
@@ -223,8 +235,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             )));
         }
     }
-    if handing && sockets.iter().all(privileged) {
-        debug!("every host port needed privilege; relaying them");
+    // A handed UDP socket can send to any address from the host's network namespace (replies go to
+    // whoever sent), the host's loopback services included; `auto` keeps UDP ports relayed, and only
+    // `--forward handoff` hands them over. A handed TCP socket cannot connect anywhere else (see
+    // `handoff::Handoff::inner_only`).
+    let handable = |s: &HostSocket| {
+        !privileged(s)
+            && (s.spec.protocol == crate::publish::Protocol::Tcp
+                || config.forward == handoff::Mode::Handoff)
+    };
+    if handing && !sockets.iter().any(handable) {
+        debug!("no host port can be handed over (privileged, or UDP under --forward auto); relaying them");
         handing = false;
     }
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
@@ -316,7 +337,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         Vec::new()
     };
     // The command sends its bind filter's listener over this pair.
-    let listener_pair = if handing {
+    let listener_pair = if handing || !connect_routes.is_empty() {
         let (ours, theirs) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -383,7 +404,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     for socket in &sockets {
         let (stop, control) = handoff::relay_control();
         controls.push(control);
-        if listener.is_some() {
+        if handing && listener.is_some() {
             let copy = socket
                 .socket
                 .as_fd()
@@ -392,7 +413,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             ports.push(handoff::Port::new(
                 socket.spec.clone(),
                 socket.addr,
-                !privileged(socket),
+                handable(socket),
                 copy,
                 stop,
             ));
@@ -403,7 +424,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map(|s| {
             if config.socket_activation {
                 "activation"
-            } else if listener.is_some() && !privileged(s) {
+            } else if handing && listener.is_some() && handable(s) {
                 "handoff"
             } else {
                 "relay"
@@ -426,7 +447,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     capabilities::drop_bounding()?;
     if let (Some(listener), Some(factory)) = (listener, handoff_channel) {
         capabilities::drop_all_except(Some(capabilities::Capability::CAP_SYS_PTRACE))?;
-        let handoff = handoff::Handoff::new(listener, ports, factory)
+        let handoff = handoff::Handoff::new(listener, ports, factory, connect_routes)
             .map_err(LaunchError::io("start the handoff"))?;
         std::thread::Builder::new()
             .name("lowport-handoff".into())

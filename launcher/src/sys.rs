@@ -253,8 +253,9 @@ pub fn register_owned(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
 pub enum FilterKind {
     /// Deny TIOCSTI and TIOCLINUX only.
     Terminal,
-    /// Also stop native `bind()` calls on an address of 16 to 128 bytes (every IPv4 and IPv6 bind,
-    /// and some UNIX ones) until the listener answers them.
+    /// Also stop native `bind()` and `connect()` calls on an address of 16 to 128 bytes (every IPv4
+    /// and IPv6 one, and some UNIX ones), and sends with MSG_FASTOPEN (which connect too), until the
+    /// listener answers them.
     TerminalAndBind,
 }
 
@@ -281,6 +282,14 @@ compile_error!("the command's seccomp filter knows the system call ABIs of x86_6
 
 /// The AUDIT_ARCH value and `bind` number of the ABI whose binds the filter reports.
 pub const NATIVE_BIND: (u32, i32) = (ABIS.0, ABIS.2 as i32);
+/// The same for `connect`.
+pub const NATIVE_CONNECT: (u32, i32) = (ABIS.0, libc::SYS_connect as i32);
+/// The native sends that connect a TCP socket with MSG_FASTOPEN: (number, index of the flags).
+pub const NATIVE_SENDS: [(i32, usize); 3] = [
+    (libc::SYS_sendto as i32, 3),
+    (libc::SYS_sendmsg as i32, 2),
+    (libc::SYS_sendmmsg as i32, 3),
+];
 
 /// The BPF program of [`install_command_filter`].
 fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
@@ -288,6 +297,7 @@ fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
     const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     const TIOCLINUX: u32 = 0x541C;
     // struct seccomp_data: nr at 0, arch at 4, args[] (u64 each) from 16; the low half of an argument.
@@ -303,6 +313,8 @@ fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
     const ALLOW: usize = 104;
     const DENY: usize = 105;
     const NOTIFY: usize = 106;
+    const FLAGS_2: usize = 107;
+    const FLAGS_3: usize = 108;
     enum Op {
         Label(usize),
         Ld(u32),
@@ -321,7 +333,14 @@ fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
         Op::Jump(JEQ_K, ioctl_b, IOCTL, if bind_ops { NEXT } else { ALLOW }),
     ];
     if bind_ops {
-        ops.push(Op::Jump(JEQ_K, bind, BIND, ALLOW));
+        let [(sendto, _), (sendmsg, _), (sendmmsg, _)] = NATIVE_SENDS;
+        ops.extend([
+            Op::Jump(JEQ_K, bind, BIND, NEXT),
+            Op::Jump(JEQ_K, libc::SYS_connect as u32, BIND, NEXT),
+            Op::Jump(JEQ_K, sendto as u32, FLAGS_3, NEXT),
+            Op::Jump(JEQ_K, sendmmsg as u32, FLAGS_3, NEXT),
+            Op::Jump(JEQ_K, sendmsg as u32, FLAGS_2, ALLOW),
+        ]);
     }
     ops.extend([
         Op::Label(COMPAT),
@@ -339,6 +358,12 @@ fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
             Op::Ld(arg_low(2)),
             Op::Jump(JGE_K, 16, NEXT, ALLOW),
             Op::Jump(JGT_K, 128, ALLOW, NOTIFY),
+            Op::Label(FLAGS_3),
+            Op::Ld(arg_low(3)),
+            Op::Jump(JSET_K, libc::MSG_FASTOPEN as u32, NOTIFY, ALLOW),
+            Op::Label(FLAGS_2),
+            Op::Ld(arg_low(2)),
+            Op::Jump(JSET_K, libc::MSG_FASTOPEN as u32, NOTIFY, ALLOW),
             Op::Label(NOTIFY),
             Op::Ret(libc::SECCOMP_RET_USER_NOTIF),
         ]);
@@ -403,8 +428,9 @@ fn command_filter(kind: FilterKind) -> Vec<libc::sock_filter> {
 /// CVE-2017-5226). Both ABIs a process may call the kernel with are checked: x86_64 (and x32) with
 /// i386, or aarch64 with 32-bit arm.
 ///
-/// [`FilterKind::TerminalAndBind`] also makes every native `bind()` with an address length from 16
-/// to 128 wait for an answer from a user-notification listener, which this returns (Linux 5.0; with
+/// [`FilterKind::TerminalAndBind`] also makes every native `bind()` and `connect()` with an address
+/// length from 16 to 128, and every native send with MSG_FASTOPEN, wait for an answer from a
+/// user-notification listener, which this returns (Linux 5.0; with
 /// `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` where the kernel has it, 5.19, so that once lowport has
 /// read a notification only a fatal signal interrupts the call). It fails with EBUSY when a filter
 /// the process already runs under has a listener (one per chain), and EINVAL on kernels without
@@ -672,6 +698,47 @@ pub fn send_with_fd(
     Ok(())
 }
 
+/// Sends `data` with copies of `fds` (at most 16) over a UNIX socket (SCM_RIGHTS).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[std::os::fd::BorrowedFd]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [io::IoSlice::new(data)];
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Receives what [`send_with_fds`] sent: up to `buf.len()` bytes and up to 16 descriptors
+/// (close-on-exec).
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; 16]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for fd in raw {
+                // SAFETY: the kernel installed each received descriptor as new, owned by no one else.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 /// Receives what [`send_with_fd`] sent: up to `buf.len()` bytes and the descriptor, if one came
 /// (close-on-exec). `flags` as for recvmsg(2), such as MSG_DONTWAIT.
 pub fn recv_with_fd(
@@ -775,4 +842,75 @@ pub fn exec_with_stdio(
     let _ = set_cloexec(keep, false);
     let _ = nix::unistd::execv(&argv[0], argv);
     exit_now(127)
+}
+
+/// The cookie of the network namespace a socket belongs to (SO_NETNS_COOKIE, Linux 5.14).
+pub fn netns_cookie(fd: std::os::fd::BorrowedFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, a u64 that outlives the call.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Gives the calling thread a descriptor table of its own (a copy of the process's), so that it may
+/// place descriptors at numbers of its choice without touching the rest of lowport's.
+pub fn unshare_files() -> io::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES).map_err(io::Error::from)
+}
+
+/// Registers `target` in the epoll instance `epoll` (a copy of the server's) under descriptor number
+/// `number`, with the server's `events` and `data`: the registration then is the one the server would
+/// have made with `epoll_ctl(ADD, number)`, so its later MOD and DEL calls find it. The calling
+/// thread's descriptor table must be its own ([`unshare_files`]); `number` must be free in it.
+pub fn epoll_add_as(
+    epoll: std::os::fd::BorrowedFd,
+    target: std::os::fd::BorrowedFd,
+    number: RawFd,
+    events: u32,
+    data: u64,
+) -> io::Result<()> {
+    // SAFETY: F_GETFD on a number only reads the descriptor table.
+    if unsafe { libc::fcntl(number, libc::F_GETFD) } >= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    // SAFETY: dup3 onto `number`, which is free in this thread's own table (checked above): no
+    // descriptor of anyone is replaced. It is closed again below.
+    if unsafe { libc::dup3(target.as_raw_fd(), number, libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: epoll_ctl reads `event`, a valid epoll_event that outlives the call.
+    let ret =
+        unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, number, &mut event) };
+    let result = if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: `number` is the copy made above, owned by nothing else; the registration stays, as it
+    // belongs to the file, which the server holds.
+    unsafe { libc::close(number) };
+    result
+}
+
+/// Sets or clears O_NONBLOCK on a socket with one call (FIONBIO).
+pub fn set_nonblocking_flag(fd: std::os::fd::BorrowedFd, on: bool) -> io::Result<()> {
+    let mut value: libc::c_int = on.into();
+    // SAFETY: FIONBIO reads an int that outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &mut value) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -761,7 +761,14 @@ fn dnsmasq_answers_on_the_host_udp_sockets() {
     .collect();
     let server = Server::start(lowport_run(
         Some((uid, gid)),
-        &["--userns", "subids", "-p", "0:53/udp"],
+        &[
+            "--userns",
+            "subids",
+            "--forward",
+            "handoff",
+            "-p",
+            "0:53/udp",
+        ],
         &command,
     ));
     let port = server.port();
