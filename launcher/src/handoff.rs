@@ -256,6 +256,10 @@ pub struct Handoff {
     inner_cookie: Option<u64>,
     /// The epoll instances of each server process, for re-registering a replaced socket.
     epolls: EpollCache,
+    /// The namespace's ephemeral port range, and the last port used in it (an offset), for the
+    /// source ports of connects to host services.
+    ephemeral: (u16, u16),
+    next_port: u32,
 }
 
 impl Handoff {
@@ -307,6 +311,8 @@ impl Handoff {
                 .and_then(|s| sys::netns_cookie(s.as_fd()))
                 .ok(),
             epolls: EpollCache::default(),
+            ephemeral: ephemeral_range(),
+            next_port: std::process::id() % 1000,
         })
     }
 
@@ -644,6 +650,17 @@ impl Handoff {
                 let _ = sys::set_int_option(host.as_fd(), level, name, v);
             }
         }
+        // Bound to a port of lowport's choice first, so that the port stays the socket's (the kernel
+        // locks a port given explicitly): turned back into a plain socket with connect(AF_UNSPEC), a
+        // socket whose port the kernel picked at connect would lose it, and could be bound to any
+        // host port.
+        if let Err(err) = self.bind_source_port(&host, addr) {
+            debug!(
+                ?err,
+                "no source port for a connect to a host service; it runs inside"
+            );
+            return Answer::Continue;
+        }
         let storage = nix::sys::socket::SockaddrStorage::from(addr);
         let result = match nix::sys::socket::connect(host.as_raw_fd(), &storage) {
             Ok(()) => Ok(true),
@@ -667,6 +684,9 @@ impl Handoff {
             Err(e) => Err(e as i32),
         };
         let connected = match result {
+            // The source port's last connection to this address is in TIME_WAIT: inside, through
+            // the relay, rather than a failure the caller would not have seen.
+            Err(libc::EADDRNOTAVAIL | libc::EADDRINUSE) => return Answer::Continue,
             // Refused or unreachable: the caller sees what it would have seen, its socket untouched.
             Err(errno) => return Answer::Return(errno),
             Ok(connected) => connected,
@@ -702,6 +722,34 @@ impl Handoff {
                 Answer::Continue
             }
         }
+    }
+
+    /// Binds `host` to the wildcard address of `to`'s family and the next port of the namespace's
+    /// ephemeral range that is free.
+    fn bind_source_port(&mut self, host: &OwnedFd, to: SocketAddr) -> io::Result<()> {
+        let (first, last) = self.ephemeral;
+        let span = u32::from(last - first) + 1;
+        sys::set_int_option(host.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        let mut last_err = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        for _ in 0..16 {
+            self.next_port = (self.next_port + 1) % span;
+            let port = first + self.next_port as u16;
+            let local = match to {
+                SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            };
+            match nix::sys::socket::bind(
+                host.as_raw_fd(),
+                &nix::sys::socket::SockaddrStorage::from(local),
+            ) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EADDRINUSE) => {
+                    last_err = nix::errno::Errno::EADDRINUSE.into()
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err)
     }
 
     /// Copies the server's socket and reads its state; `Ok(None)` when it is not one to hand off.
@@ -1452,4 +1500,16 @@ fn parse_epoll_fdinfo(info: &str, fd: RawFd, ino: u64) -> Option<(u32, u64)> {
             .and_then(|h| u64::from_str_radix(h, 16).ok());
         (tfd == fd && line_ino.is_none_or(|i| i == ino)).then_some((events, data))
     })
+}
+
+/// `net.ipv4.ip_local_port_range`, or Linux's default.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+            let (first, last) = (it.next()??, it.next()??);
+            (first <= last && first > 0).then_some((first, last))
+        })
+        .unwrap_or((32768, 60999))
 }
