@@ -27,6 +27,8 @@ const OP_SOCKETS: i32 = 3;
 const POOL: i32 = 8;
 /// The request to start pasta for lowport's namespaces: `[OP_PASTA, lowport's pid, 0, 0]`.
 pub(crate) const OP_PASTA: i32 = 2;
+/// The request to stop pasta and reap it: `[OP_PASTA_STOP, 0, 0, 0]`.
+pub(crate) const OP_PASTA_STOP: i32 = 4;
 const REQUEST: usize = 16;
 
 /// The host-side process, and the channels lowport has not handed out yet.
@@ -253,10 +255,20 @@ fn factory_main(mut channels: Vec<OwnedFd>) -> i32 {
             .iter()
             .map(|c| nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN))
             .collect();
+        // pasta's standard error, last.
+        let draining = pasta.stderr().is_some();
+        if let Some(stderr) = pasta.stderr() {
+            fds.push(nix::poll::PollFd::new(stderr, nix::poll::PollFlags::POLLIN));
+        }
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return 0,
         }
+        let pasta_said = draining
+            && fds
+                .pop()
+                .and_then(|fd| fd.revents())
+                .is_some_and(|r| !r.is_empty());
         let ready: Vec<(usize, bool)> = fds
             .iter()
             .enumerate()
@@ -272,6 +284,9 @@ fn factory_main(mut channels: Vec<OwnedFd>) -> i32 {
             })
             .collect();
         drop(fds);
+        if pasta_said {
+            pasta.drain();
+        }
         let mut closed = Vec::new();
         for (i, readable) in ready {
             if !readable || !serve_one(&channels[i], &mut pasta) {
@@ -282,6 +297,7 @@ fn factory_main(mut channels: Vec<OwnedFd>) -> i32 {
             channels.remove(i);
         }
     }
+    pasta.stop();
     0
 }
 
@@ -342,13 +358,17 @@ fn serve_one(sock: &OwnedFd, pasta: &mut crate::pasta::HostSide) -> bool {
             sys::send_with_fds(sock.as_raw_fd(), &error.to_ne_bytes(), &fds).is_ok()
         }
         OP_PASTA => {
-            let (text, pidfd) = pasta.start(field(1));
-            sys::send_with_fd(
-                sock.as_raw_fd(),
-                text.as_bytes(),
-                pidfd.as_ref().map(AsFd::as_fd),
-            )
-            .is_ok()
+            // b"+" when pasta is ready, b"-" and what went wrong otherwise: an empty answer is what a
+            // closed channel reads as.
+            let answer = match pasta.start(field(1)) {
+                Ok(()) => b"+".to_vec(),
+                Err(text) => [b"-".as_slice(), text.as_bytes()].concat(),
+            };
+            sys::send_with_fd(sock.as_raw_fd(), &answer, None).is_ok()
+        }
+        OP_PASTA_STOP => {
+            pasta.stop();
+            sys::send_with_fd(sock.as_raw_fd(), b"+", None).is_ok()
         }
         _ => sys::send_with_fd(sock.as_raw_fd(), &libc::EINVAL.to_ne_bytes(), None).is_ok(),
     }

@@ -316,7 +316,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     }));
     // pasta joins the namespaces through /proc/PID/ns while lowport may still be inspected by its
     // own user, and the command starts once the namespace has its way out.
-    let pasta = match (&pasta_path, &pasta_channel) {
+    let pasta = match (&pasta_path, pasta_channel) {
         (Some(_), Some(channel)) => Some(pasta::start(channel)?),
         _ => None,
     };

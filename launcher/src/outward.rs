@@ -415,7 +415,7 @@ async fn serve_udp(inner: UdpSocket, to: SocketAddr, shared: Shared) {
             },
         };
         flow.last.store(now, std::sync::atomic::Ordering::Relaxed);
-        if let Err(err) = flow.host.try_send(&buf[..n]) {
+        if let Err(err) = send_now(&*flow.host, &buf[..n], None) {
             // A full send buffer drops the datagram, as the network would.
             debug!(%client, %to, ?err, "datagram to the host dropped");
         }
@@ -486,7 +486,7 @@ async fn replies(
             got = flow.host.recv(&mut buf) => match got {
                 Ok(n) => {
                     flow.last.store(start.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(err) = inner.try_send_to(&buf[..n], client) {
+                    if let Err(err) = send_now(&*inner, &buf[..n], Some(client)) {
                         debug!(%client, ?err, "answer to the client inside dropped");
                     }
                 }
@@ -510,6 +510,24 @@ async fn replies(
     if map.get(&client).is_some_and(|f| Arc::ptr_eq(f, &flow)) {
         map.remove(&client);
     }
+}
+
+/// Sends one datagram now, without waiting: tokio's `try_send` fails with WouldBlock on a socket it
+/// has not yet seen writable, which a new flow's first datagram (a resolver's query) would hit.
+fn send_now(socket: &UdpSocket, data: &[u8], to: Option<SocketAddr>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    match to {
+        None => nix::sys::socket::send(socket.as_raw_fd(), data, flags),
+        Some(to) => nix::sys::socket::sendto(
+            socket.as_raw_fd(),
+            data,
+            &nix::sys::socket::SockaddrStorage::from(to),
+            flags,
+        ),
+    }
+    .map(drop)
+    .map_err(io::Error::from)
 }
 
 #[cfg(test)]

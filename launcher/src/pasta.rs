@@ -6,22 +6,26 @@
 //! once lowport has made and set up its namespaces, with
 //!
 //! ```text
-//! pasta --config-net -t none -u none -T none -U none --no-map-gw --quiet -P PIPE LOWPORT_PID
+//! pasta --config-net -t none -u none -T none -U none --no-map-gw --quiet --foreground -P PIPE LOWPORT_PID
 //! ```
 //!
 //! - `--config-net`: pasta gives the tap the host's addresses and routes;
 //! - `-t none -u none -T none -U none`: no port is forwarded either way, published ports stay
 //!   lowport's (pasta's default would forward every port a process inside listens on);
 //! - `--no-map-gw`: the gateway address is not the host's loopback;
-//! - `LOWPORT_PID`: pasta joins lowport's user and network namespaces, and quits when they are gone.
+//! - `LOWPORT_PID`: pasta joins lowport's user and network namespaces;
+//! - `--foreground`: pasta stays the host side's child. This version of pasta does not quit when the
+//!   process it was given exits (its tap device keeps the namespace alive), so it must die with
+//!   lowport: it gets SIGTERM when the host side dies (PR_SET_PDEATHSIG), and the host side dies
+//!   with lowport, even when lowport is killed.
 //!
-//! pasta configures the namespace, then its first process exits and a daemon carries on; the host
-//! side waits for that exit, so the command starts with its way out ready, and reads the daemon's
-//! pid from the pipe. lowport stops the daemon when the run ends.
+//! pasta writes its pid to the pipe once it has set the namespace up; the host side waits for that,
+//! so the command starts with its way out ready. lowport asks the host side to stop and reap pasta
+//! when the run ends.
 
 use std::ffi::{CString, OsString};
 use std::fmt;
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -29,8 +33,11 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use crate::hostside::{Channel, OP_PASTA};
+use crate::hostside::{Channel, OP_PASTA, OP_PASTA_STOP};
 use crate::sys;
+
+/// Marks an answer that lowport's own checks wrote, not pasta.
+const CHECKED: &str = "checked: ";
 
 /// How long pasta may take to set the namespace up (40-80 ms here).
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,52 +80,75 @@ pub fn find() -> Result<PathBuf, PastaError> {
         .ok_or(PastaError::Missing)
 }
 
-/// The running pasta daemon; stopped when dropped.
+/// pasta, running for lowport's namespaces; stopped (and reaped by the host side) when dropped.
 #[derive(Debug)]
 pub struct Pasta {
-    pidfd: OwnedFd,
+    channel: Channel,
 }
 
 impl Drop for Pasta {
     fn drop(&mut self) {
-        if let Err(err) = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGTERM) {
-            debug!(?err, "cannot stop pasta (it has exited already)");
+        let mut text = [0u8; 256];
+        if let Err(err) = self.channel.call(OP_PASTA_STOP, [0; 3], &mut text) {
+            debug!(
+                ?err,
+                "cannot ask the host side to stop pasta (it stops when lowport does)"
+            );
         }
     }
 }
 
 /// Asks the host side to start pasta for lowport's namespaces, and waits until the namespace is set
 /// up. Call after `netns` set-up, before the command starts.
-pub fn start(channel: &Channel) -> Result<Pasta, PastaError> {
+pub fn start(channel: Channel) -> Result<Pasta, PastaError> {
     let started = Instant::now();
     let mut text = [0u8; 2048];
-    let (n, pidfd) = channel
+    let (n, _) = channel
         .call(OP_PASTA, [std::process::id() as i32, 0, 0], &mut text)
         .map_err(|e| PastaError::Failed(format!("lowport's host side did not answer: {e}")))?;
-    match pidfd {
-        Some(pidfd) => {
-            debug!(
-                ms = started.elapsed().as_secs_f64() * 1000.0,
-                "pasta is ready"
-            );
-            Ok(Pasta { pidfd })
+    match text[..n].split_first() {
+        Some((b'+', _)) => {}
+        Some((b'-', said)) => {
+            let said = String::from_utf8_lossy(said);
+            return Err(PastaError::Failed(match said.strip_prefix(CHECKED) {
+                Some(checked) => checked.to_owned(),
+                None => explain(&said),
+            }));
         }
-        None => Err(PastaError::Failed(explain(&String::from_utf8_lossy(
-            &text[..n],
-        )))),
+        _ => {
+            return Err(PastaError::Failed(
+                "lowport's host side stopped while starting pasta".into(),
+            ))
+        }
     }
+    debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "pasta is ready"
+    );
+    Ok(Pasta { channel })
 }
 
-/// pasta's own words, with the fix for the failures a user meets.
+/// pasta's own words, without its noise (it tries syslog first, and warns about a family it has
+/// no route for), with the fix for the failures a user meets.
 fn explain(said: &str) -> String {
-    let said = said.trim();
-    let fix = if said.contains("/dev/net/tun") {
-        if said.contains("No such file") {
-            "; this system has no /dev/net/tun: load the tun module (sudo modprobe tun) or, in a container, pass the device in (--device /dev/net/tun)"
-        } else {
-            "; /dev/net/tun must be readable and writable by you, as distributions ship it (mode 0666): sudo chmod 0666 /dev/net/tun"
-        }
-    } else if said.contains("default route") || said.contains("No routable interface") {
+    let lines: Vec<&str> = said
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Failed to send") && !l.contains("syslog"))
+        .collect();
+    // "No external routable interface for IPv6" alone is a warning: pasta goes on with IPv4.
+    let fatal: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("No external routable interface for IPv"))
+        .collect();
+    let no_route = fatal.is_empty() && !lines.is_empty();
+    let said = if fatal.is_empty() {
+        lines.join("; ")
+    } else {
+        fatal.join("; ")
+    };
+    let fix = if no_route || said.contains("No routable interface") {
         "; pasta copies the host's addresses and routes, and this host has no default route: connect the host to a network, or leave out --net pasta"
     } else {
         ""
@@ -126,99 +156,175 @@ fn explain(said: &str) -> String {
     format!("pasta failed: {said}{fix}")
 }
 
-/// The host side's part: starts pasta and waits for its first process.
+/// The checks pasta itself makes with less helpful words: /dev/net/tun, which it opens as you.
+fn check_tun() -> Result<(), String> {
+    let path = "/dev/net/tun";
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path);
+    match opened.map_err(|e| e.raw_os_error().unwrap_or(0)) {
+        Ok(_) => Ok(()),
+        Err(libc::ENOENT | libc::ENXIO | libc::ENODEV) => Err(format!(
+            "{path} does not exist here, and pasta needs it: load the tun module (sudo modprobe tun) or, in a container, pass the device in (podman and docker: --device /dev/net/tun)"
+        )),
+        Err(errno @ (libc::EACCES | libc::EPERM)) => Err(format!(
+            "pasta cannot open {path} ({}): it must be readable and writable by you, as distributions ship it (crw-rw-rw-): sudo chmod 0666 {path}",
+            io::Error::from_raw_os_error(errno)
+        )),
+        Err(errno) => Err(format!(
+            "pasta cannot open {path}: {}",
+            io::Error::from_raw_os_error(errno)
+        )),
+    }
+}
+
+/// The host side's part: pasta as a child of the host side, in the foreground, so that it dies with
+/// the host side (which dies with lowport): pasta itself stays up as long as something holds the
+/// namespace, and its tap device does.
 #[derive(Debug, Default)]
 pub struct HostSide {
-    started: bool,
+    child: Option<nix::unistd::Pid>,
+    /// pasta's standard error, drained while it runs (a full pipe would stop it).
+    stderr: Option<OwnedFd>,
 }
 
 impl HostSide {
-    /// Starts pasta for the namespaces of `pid`; the pidfd of its daemon, or what went wrong.
-    pub fn start(&mut self, pid: i32) -> (String, Option<OwnedFd>) {
-        if std::mem::replace(&mut self.started, true) {
-            return ("pasta was started already".into(), None);
+    /// Starts pasta for the namespaces of `pid` and waits until it has set them up; what went
+    /// wrong otherwise.
+    pub fn start(&mut self, pid: i32) -> Result<(), String> {
+        if self.child.is_some() {
+            return Err("pasta was started already".into());
         }
-        match run_pasta(pid) {
-            Ok(pidfd) => (String::new(), Some(pidfd)),
-            Err(text) => (text, None),
+        if let Err(checked) = find().map_err(|e| e.to_string()).and_then(|_| check_tun()) {
+            return Err(format!("{CHECKED}{checked}"));
+        }
+        match self.run(pid) {
+            Err(text) if text.is_empty() => Err("pasta failed and said nothing".into()),
+            other => other,
+        }
+    }
+
+    /// pasta's standard error while it runs, for the host side's poll loop.
+    pub fn stderr(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.stderr.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Reads what pasta wrote (to the debug log); drops the pipe at end-of-file.
+    pub fn drain(&mut self) {
+        let Some(pipe) = &self.stderr else { return };
+        let said = read_available(pipe, Duration::ZERO);
+        if said.is_empty() {
+            self.stderr = None;
+        }
+        for line in said.lines() {
+            debug!(line, "pasta");
+        }
+    }
+
+    /// Stops pasta (SIGTERM, then SIGKILL after a second) and reaps it.
+    pub fn stop(&mut self) {
+        self.stderr = None;
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    return;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                _ => return,
+            }
+        }
+    }
+
+    fn run(&mut self, pid: i32) -> Result<(), String> {
+        let program = find().map_err(|e| e.to_string())?;
+        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot make a pipe: {e}"))?;
+        let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot make a pipe: {e}"))?;
+        let pidfile = format!("/proc/self/fd/{}", pid_write.as_raw_fd());
+        let target = pid.to_string();
+        let args: Vec<CString> = [
+            program.as_os_str().as_bytes(),
+            b"--config-net",
+            b"-t",
+            b"none",
+            b"-u",
+            b"none",
+            b"-T",
+            b"none",
+            b"-U",
+            b"none",
+            b"--no-map-gw",
+            b"--quiet",
+            b"--foreground",
+            b"-P",
+            pidfile.as_bytes(),
+            target.as_bytes(),
+        ]
+        .iter()
+        .map(|a| CString::new(*a).expect("no NUL in pasta's arguments"))
+        .collect();
+        let child = match sys::fork().map_err(|e| format!("cannot start pasta: {e}"))? {
+            nix::unistd::ForkResult::Child => {
+                // pasta dies with the host side, which dies with lowport.
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+                sys::exec_with_stdio(&args, err_write.as_fd(), pid_write.as_raw_fd())
+            }
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        drop(err_write);
+        drop(pid_write);
+        self.child = Some(child);
+        // pasta writes its pid once the namespace is set up, and exits at the first error.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !read_available(&pid_read, Duration::from_millis(5))
+                .trim()
+                .is_empty()
+            {
+                hostside_nonblocking(&err_read);
+                self.stderr = Some(err_read);
+                return Ok(());
+            }
+            match nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {}
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    self.stop();
+                    return Err(format!(
+                        "pasta did not set the namespace up within {} s; it was stopped",
+                        START_TIMEOUT.as_secs()
+                    ));
+                }
+                Ok(status) => {
+                    self.child = None;
+                    let said = read_available(&err_read, Duration::ZERO);
+                    let said = said.trim();
+                    return Err(if said.is_empty() {
+                        format!("pasta ended with {status:?} and said nothing")
+                    } else {
+                        said.to_owned()
+                    });
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("cannot wait for pasta: {e}")),
+            }
         }
     }
 }
 
-fn run_pasta(pid: i32) -> Result<OwnedFd, String> {
-    let program = find().map_err(|e| e.to_string())?;
-    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("cannot make a pipe: {e}"))?;
-    let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("cannot make a pipe: {e}"))?;
-    let pidfile = format!("/proc/self/fd/{}", pid_write.as_raw_fd());
-    let target = pid.to_string();
-    let args: Vec<CString> = [
-        program.as_os_str().as_bytes(),
-        b"--config-net",
-        b"-t",
-        b"none",
-        b"-u",
-        b"none",
-        b"-T",
-        b"none",
-        b"-U",
-        b"none",
-        b"--no-map-gw",
-        b"--quiet",
-        b"-P",
-        pidfile.as_bytes(),
-        target.as_bytes(),
-    ]
-    .iter()
-    .map(|a| CString::new(*a).expect("no NUL in pasta's arguments"))
-    .collect();
-    let child = match sys::fork().map_err(|e| format!("cannot start pasta: {e}"))? {
-        nix::unistd::ForkResult::Child => {
-            sys::exec_with_stdio(&args, err_write.as_fd(), pid_write.as_raw_fd())
-        }
-        nix::unistd::ForkResult::Parent { child } => child,
-    };
-    drop(err_write);
-    drop(pid_write);
-    // pasta's first process exits once the namespace is set up, or at the first error.
-    let deadline = Instant::now() + START_TIMEOUT;
-    let status = loop {
-        match nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(child, None);
-                return Err(format!(
-                    "pasta did not set the namespace up within {} s; it was stopped",
-                    START_TIMEOUT.as_secs()
-                ));
-            }
-            Ok(status) => break status,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(format!("cannot wait for pasta: {e}")),
-        }
-    };
-    // pasta's daemon may keep the pipes open: read what is there, never up to end-of-file.
-    let said = read_available(&err_read, Duration::ZERO);
-    if status != nix::sys::wait::WaitStatus::Exited(child, 0) {
-        let said = said.trim();
-        return Err(if said.is_empty() {
-            format!("pasta ended with {status:?} and said nothing")
-        } else {
-            said.to_owned()
-        });
-    }
-    // The daemon writes its pid, possibly just after the first process has exited.
-    let written = read_available(&pid_read, Duration::from_secs(2));
-    let daemon: i32 = written
-        .trim()
-        .parse()
-        .map_err(|_| format!("pasta started but wrote no pid ('{}')", written.trim()))?;
-    sys::pidfd_open(nix::unistd::Pid::from_raw(daemon))
-        .map_err(|e| format!("pasta's daemon (pid {daemon}) is gone already: {e}"))
+fn hostside_nonblocking(fd: &OwnedFd) {
+    let _ = crate::hostside::set_nonblocking(fd);
 }
 
 /// What a pipe holds now, or once something arrives within `wait`; never waits for end-of-file.
