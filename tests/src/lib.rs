@@ -682,3 +682,157 @@ pub fn setcap_copy(tag: &str) -> Option<(TempDir, PathBuf)> {
     assert!(status.success(), "setcap failed");
     Some((dir, bin))
 }
+
+/// The `ip` program (package iproute2), if installed.
+pub fn ip_bin() -> Option<&'static str> {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+/// A network namespace of the test's own (`ip netns add lpo-TAG-PID`) with `lo` up, deleted when
+/// dropped. What runs in it reaches nothing of the machine's network: only its own loopback and the
+/// interfaces the test adds. Drop the processes started in it first (declare it before them).
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    /// `None` (after `require`) when the tests are not root or `ip` is missing.
+    pub fn new(tag: &str) -> Option<TestNetns> {
+        if !require(
+            is_root() && ip_bin().is_some(),
+            "root and ip (package iproute2), to make network namespaces",
+        ) {
+            return None;
+        }
+        let name = format!("lpo-{tag}-{}", std::process::id());
+        // One left by a test run killed before its guards ran.
+        let _ = Command::new(ip_bin().unwrap())
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let netns = TestNetns { name };
+        netns.run_ip(&["netns", "add", &netns.name]);
+        netns.ip(&["link", "set", "lo", "up"]);
+        Some(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run_ip(&self, args: &[&str]) {
+        let out = Command::new(ip_bin().expect("ip"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        self.run_ip(&all);
+    }
+
+    /// The namespace's inode number, as `/proc/PID/ns/net` names it (`net:[INODE]`).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(Path::new("/run/netns").join(&self.name))
+            .expect("the namespace's file in /run/netns")
+            .ino()
+    }
+
+    /// Every live process in the namespace: (pid, command name, host uid).
+    pub fn processes(&self) -> Vec<(u32, String, u32)> {
+        let want = format!("net:[{}]", self.inode());
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|l| l.to_string_lossy() == want)
+                    && process_exists(*pid)
+            })
+            .map(|pid| {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let uid = proc_status_field(pid, "Uid")
+                    .and_then(|u| u.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(u32::MAX);
+                (pid, comm.trim().to_owned(), uid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new(ip_bin().unwrap_or("ip"))
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Makes `cmd` start in `netns` (when given) and, when `binds` is not empty, in a private mount
+/// namespace of its own where each `(file, over)` has `file` bind-mounted over the path `over`: the
+/// host's files stay as they are, and only this command and what it starts (lowport, its host side,
+/// pasta) see the test's `/etc/resolv.conf` or `/dev/net/tun`. The tests must be root (see
+/// [`TestNetns::new`]); `cmd` is typically [`lowport`], which then drops to uid 65534 in there.
+pub fn confine<'a>(
+    cmd: &'a mut Command,
+    netns: Option<&TestNetns>,
+    binds: &[(&Path, &Path)],
+) -> &'a mut Command {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("a path without NUL");
+    let binds: Vec<(CString, CString)> = binds.iter().map(|(f, o)| (cstr(f), cstr(o))).collect();
+    let netns: Option<OwnedFd> = netns.map(|n| {
+        fs::File::open(Path::new("/run/netns").join(n.name()))
+            .expect("open the test's network namespace")
+            .into()
+    });
+    // SAFETY: between fork and exec only unshare, mount and setns run, which are system calls; every
+    // path was made into a CString before the fork, so nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::mount::{mount, MsFlags};
+            if !binds.is_empty() {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+                // Nothing mounted from here on reaches the host's mount namespace.
+                mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )?;
+                for (file, over) in &binds {
+                    mount(
+                        Some(file.as_c_str()),
+                        over.as_c_str(),
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )?;
+                }
+            }
+            if let Some(fd) = &netns {
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
