@@ -415,7 +415,7 @@ async fn serve_udp(inner: UdpSocket, to: SocketAddr, shared: Shared) {
             },
         };
         flow.last.store(now, std::sync::atomic::Ordering::Relaxed);
-        if let Err(err) = send_now(&*flow.host, &buf[..n], None) {
+        if let Err(err) = send_now(&flow.host, &buf[..n], None) {
             // A full send buffer drops the datagram, as the network would.
             debug!(%client, %to, ?err, "datagram to the host dropped");
         }
@@ -486,7 +486,7 @@ async fn replies(
             got = flow.host.recv(&mut buf) => match got {
                 Ok(n) => {
                     flow.last.store(start.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(err) = send_now(&*inner, &buf[..n], Some(client)) {
+                    if let Err(err) = send_now(&inner, &buf[..n], Some(client)) {
                         debug!(%client, ?err, "answer to the client inside dropped");
                     }
                 }

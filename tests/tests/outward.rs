@@ -12,10 +12,9 @@
 //!   missing pasta or an inaccessible /dev/net/tun ends in a message;
 //! - the readiness line's `net`, `host_loopback` and `dns`, and bad values as usage errors.
 //!
-//! Three tests are `#[ignore]`d: each states what lowport should do and fails today because of a
-//! launcher bug its `ignore` names (the first datagram of a new UDP flow to the host is dropped, so
-//! a UDP client or a DNS lookup waits for its own retry; a /dev/net/tun that the user cannot open is
-//! not named with its fix under Debian 12's pasta). Remove the `ignore` with the fix.
+//! Three tests were written against launcher bugs, and failed until they were fixed: the first
+//! datagram of a new UDP flow to the host was dropped (so a DNS lookup waited for its own retry),
+//! and a /dev/net/tun that the user cannot open was not named with its fix under Debian 12's pasta.
 //!
 //! Network rule: nothing here sends to anything but loopback and network namespaces the tests make.
 //! Every test that reads a resolv.conf (`--dns`, `--net pasta`) runs lowport in a network namespace of
@@ -541,11 +540,13 @@ except OSError as e:
     print({errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.EPIPE: "reset"}.get(e.errno, e))
 "#;
 
-/// A connection to a named host port where nothing listens is reset inside, so the program sees a
-/// failure, not an empty answer (which it could take for a response) or a hang. Without the option it
-/// is refused, as nothing listens inside.
+/// A connection to a named host port where nothing listens fails inside as it would on the host: the
+/// connect is refused (a connect handoff tries the host service itself, while the program waits),
+/// and with `--forward relay`, which accepts inside first, the connection is reset, so the program
+/// sees a failure, not an empty answer (which it could take for a response) or a hang. Without the
+/// option it is refused, as nothing listens inside.
 #[test]
-fn a_refused_host_connection_is_a_reset_inside() {
+fn a_refused_host_connection_is_refused_or_reset_inside() {
     // Bound but not listening: every connect to it is refused, and no other test can take the port.
     let held = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
@@ -569,7 +570,13 @@ fn a_refused_host_connection_is_a_reset_inside() {
     let script = dir.write("connect.py", CONNECT_AND_READ);
     let command = [PYTHON, script.to_str().unwrap(), &port];
     let (_, out, err) = inside(&["--host-loopback", &port], &command);
-    assert_eq!(out.trim(), "reset", "with --host-loopback {port}: {err}");
+    assert_eq!(out.trim(), "refused", "with --host-loopback {port}: {err}");
+    let (_, out, err) = inside(&["--forward", "relay", "--host-loopback", &port], &command);
+    assert_eq!(
+        out.trim(),
+        "reset",
+        "with --forward relay --host-loopback {port}: {err}"
+    );
     let (_, out, err) = inside(&[], &command);
     assert_eq!(out.trim(), "refused", "without --host-loopback: {err}");
 }
@@ -668,7 +675,6 @@ fn udp_reaches_a_host_loopback_service_and_no_other() {
 /// and waits 2 s gets its answer (a DNS client, for one, sends each query from a new socket and
 /// waits seconds before it asks again).
 #[test]
-#[ignore = "launcher bug: the first datagram of each new UDP flow is dropped (outward::serve_udp: try_send on a host socket tokio has not seen writable yet gives WouldBlock)"]
 fn udp_the_first_datagram_of_a_flow_reaches_the_host_service() {
     let dir = TempDir::new("udp-first", None);
     let echo = dir.write("echo.py", UDP_ECHO);
@@ -740,12 +746,9 @@ answers = struct.unpack(">H", r[6:8])[0]
 print(socket.inet_ntoa(r[-4:]) if answers else "no answer")
 "#;
 
-/// The test resolv.conf's options: the C library waits 1 s for an answer before it asks again,
-/// rather than its default 5 s. lowport drops the first datagram of each new UDP flow today (see
-/// `a_dns_lookup_is_answered_at_the_first_attempt`), and the C library sends each query from a
-/// socket of its own, so every query's first attempt is lost; with the default, `getent hosts` (AAAA,
-/// then A) took 10 s.
-const RESOLV_OPTIONS: &str = "timeout:1 attempts:3";
+/// The test resolv.conf's options: the C library's defaults (5 s before it asks again), so that a
+/// lost first query shows as a slow lookup (`a_dns_lookup_is_answered_at_the_first_attempt`).
+const RESOLV_OPTIONS: &str = "";
 
 const TEST_NAME: &str = "test.lowport";
 const TEST_ADDR: &str = "192.0.2.7";
@@ -910,7 +913,6 @@ fn dns_reaches_a_resolver_on_a_non_loopback_address() {
 /// timeout (5 s), `getent hosts` (an AAAA and an A query, each from a new socket) ends in well under
 /// a second. On the host the same lookup takes milliseconds.
 #[test]
-#[ignore = "launcher bug: the first datagram of each new UDP flow is dropped (outward::serve_udp: try_send on a host socket tokio has not seen writable yet gives WouldBlock), so each query waits for the resolver's retry: 10 s here"]
 fn a_dns_lookup_is_answered_at_the_first_attempt() {
     let Some(dns) = Resolver::start_with("dns-first", "127.0.0.53", "") else {
         return;
@@ -998,10 +1000,7 @@ impl PastaNet {
         .expect("mknod the test's tun device");
         // mknod applied the umask.
         std::fs::set_permissions(&tun, std::fs::Permissions::from_mode(tun_mode)).unwrap();
-        files.write(
-            "resolv.conf",
-            &format!("nameserver 127.0.0.53\noptions {RESOLV_OPTIONS}\n"),
-        );
+        files.write("resolv.conf", "nameserver 127.0.0.53\n");
 
         let (www, peer_server, _) = try_http_app(
             &format!("{tag}-www"),
@@ -1258,7 +1257,6 @@ fn pasta_without_access_to_dev_net_tun_fails_before_the_command() {
 
 /// The same failure names its fix, as `--help` promises for a missing /dev/net/tun access.
 #[test]
-#[ignore = "launcher bug: Debian 12's pasta (0.0~git20230309) says 'Failed to open tun socket in namespace', which pasta::explain does not recognise, so no fix is named"]
 fn pasta_without_access_to_dev_net_tun_names_the_fix() {
     let Some(net) = PastaNet::new("pasta-tunfix", 87, 0o600) else {
         return;
