@@ -873,7 +873,8 @@ pub fn unshare_files() -> io::Result<()> {
 /// Registers `target` in the epoll instance `epoll` (a copy of the server's) under descriptor number
 /// `number`, with the server's `events` and `data`: the registration then is the one the server would
 /// have made with `epoll_ctl(ADD, number)`, so its later MOD and DEL calls find it. The calling
-/// thread's descriptor table must be its own ([`unshare_files`]); `number` must be free in it.
+/// thread's descriptor table must be its own ([`unshare_files`]) and used by no other thread
+/// meanwhile: a descriptor of its own at `number` is moved aside for the call and put back.
 pub fn epoll_add_as(
     epoll: std::os::fd::BorrowedFd,
     target: std::os::fd::BorrowedFd,
@@ -881,27 +882,54 @@ pub fn epoll_add_as(
     events: u32,
     data: u64,
 ) -> io::Result<()> {
-    // SAFETY: F_GETFD on a number only reads the descriptor table.
-    if unsafe { libc::fcntl(number, libc::F_GETFD) } >= 0 {
+    if number < 0 || number == epoll.as_raw_fd() || number == target.as_raw_fd() {
         return Err(io::Error::from_raw_os_error(libc::EBUSY));
     }
-    // SAFETY: dup3 onto `number`, which is free in this thread's own table (checked above): no
-    // descriptor of anyone is replaced. It is closed again below.
-    if unsafe { libc::dup3(target.as_raw_fd(), number, libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut event = libc::epoll_event { events, u64: data };
-    // SAFETY: epoll_ctl reads `event`, a valid epoll_event that outlives the call.
-    let ret =
-        unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, number, &mut event) };
-    let result = if ret < 0 {
+    // SAFETY: F_GETFD on a number only reads the descriptor table.
+    let occupant_flags = unsafe { libc::fcntl(number, libc::F_GETFD) };
+    let saved = if occupant_flags >= 0 {
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor for the file at `number`, which stays open.
+        let saved = unsafe { libc::fcntl(number, libc::F_DUPFD_CLOEXEC, 64.max(number + 1)) };
+        if saved < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Some(saved)
+    } else {
+        None
+    };
+    // SAFETY: dup3 onto `number`, free or held by `saved` meanwhile, in this thread's own table.
+    let result = if unsafe { libc::dup3(target.as_raw_fd(), number, libc::O_CLOEXEC) } < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        let mut event = libc::epoll_event { events, u64: data };
+        // SAFETY: epoll_ctl reads `event`, a valid epoll_event that outlives the call.
+        let ret =
+            unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, number, &mut event) };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     };
-    // SAFETY: `number` is the copy made above, owned by nothing else; the registration stays, as it
-    // belongs to the file, which the server holds.
-    unsafe { libc::close(number) };
+    match saved {
+        Some(saved) => {
+            let cloexec = if occupant_flags & libc::FD_CLOEXEC != 0 {
+                libc::O_CLOEXEC
+            } else {
+                0
+            };
+            // SAFETY: the occupant goes back to its number (replacing the copy of `target`, which
+            // keeps its registration: that belongs to the file), and its spare copy is closed.
+            unsafe {
+                libc::dup3(saved, number, cloexec);
+                libc::close(saved);
+            }
+        }
+        // SAFETY: `number` holds only the copy made above, owned by nothing else.
+        None => unsafe {
+            libc::close(number);
+        },
+    }
     result
 }
 

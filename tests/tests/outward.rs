@@ -1429,3 +1429,68 @@ fn dns_without_a_nameserver_is_a_usage_error() {
     let (code, _, err) = run(&[]);
     assert_eq!(code, 0, "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The connect handoff
+// ---------------------------------------------------------------------------------------------
+
+/// Connects to 127.0.0.1:PORT (argv) the way an event loop does (nginx's ngx_event_connect_peer):
+/// a non-blocking socket registered with epoll for EPOLLOUT, edge-triggered, before connect(); then
+/// waits for epoll to say it is writable, sends a request, reads the answer. Prints "same" or "host"
+/// (whether the connected socket belongs to the network namespace of a new socket made here:
+/// SO_NETNS_COOKIE), then the answer's first line.
+const EPOLL_CLIENT: &str = r#"
+import errno, select, socket, sys
+SO_NETNS_COOKIE = 71
+port = int(sys.argv[1])
+cookie = lambda s: s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+s = socket.socket()
+s.setblocking(False)
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLET)
+try:
+    s.connect(("127.0.0.1", port))
+except BlockingIOError:
+    pass
+events = ep.poll(5)
+if not events:
+    print("epoll never reported the socket"); sys.exit(1)
+err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+if err:
+    print("connect failed:", errno.errorcode.get(err, err)); sys.exit(1)
+print("same" if cookie(s) == cookie(socket.socket()) else "host")
+s.setblocking(True)
+s.sendall(b"GET /greeting.txt HTTP/1.0\r\n\r\n")
+print(s.makefile("rb").readline().decode().strip())
+"#;
+
+/// With handoff (the default), a program that connects to a `--host-loopback` address holds a socket
+/// of the host's network namespace, connected to the host service directly (lowport relays nothing),
+/// and an event loop that registered its socket with epoll before connecting is told when it is
+/// connected. With `--forward relay` the program's socket stays its own and lowport relays.
+#[test]
+fn a_connect_to_a_host_service_gets_the_host_socket_itself() {
+    let (_dir, _app, port) = http_app("connect-handoff", "127.0.0.1", "hello from the host\n");
+    let script_dir = TempDir::new("connect-handoff-client", None);
+    let client = script_dir.write("client.py", EPOLL_CLIENT);
+    let port = port.to_string();
+    let command = [PYTHON, client.to_str().unwrap(), &port];
+
+    let (code, out, err) = inside(&["--host-loopback", &port], &command);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"host"), "{out}\n{err}");
+    assert!(
+        lines.get(1).is_some_and(|l| l.contains(" 200 ")),
+        "{out}\n{err}"
+    );
+
+    let (code, out, err) = inside(&["--forward", "relay", "--host-loopback", &port], &command);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"same"), "{out}\n{err}");
+    assert!(
+        lines.get(1).is_some_and(|l| l.contains(" 200 ")),
+        "{out}\n{err}"
+    );
+}
