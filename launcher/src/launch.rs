@@ -177,8 +177,15 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         }
     }
     // The resolvers to mirror inside, from the host's resolv.conf as the programs inside read it.
-    let resolvers = if config.dns || config.net == Net::Pasta {
-        read_resolvers(config.dns)?
+    // With pasta, a resolver elsewhere is reached through pasta like any address; only one on the
+    // host's loopback (systemd-resolved's 127.0.0.53) needs the mirror. Each mirror takes port 53 of
+    // its address inside, which a DNS server inside binding 0.0.0.0:53 would then find taken.
+    let resolvers = if config.dns {
+        read_resolvers(true)?
+    } else if config.net == Net::Pasta {
+        let mut all = read_resolvers(false)?;
+        all.retain(|ip| ip.is_loopback());
+        all
     } else {
         Vec::new()
     };
@@ -302,8 +309,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     netns::set_unprivileged_port_start(&proc_sys, config.port_start)?;
     // With a way out, the relay's routes for client addresses would swallow outbound traffic.
     let clients = match config.net {
-        Net::None if config.preserve_source => netns::Clients::Own,
-        _ => netns::Clients::StandIns,
+        Net::None => netns::Clients::Own,
+        Net::Pasta => netns::Clients::StandIns,
     };
     if relaying {
         netns::route_replies_to_clients(clients)?;

@@ -117,7 +117,8 @@ struct RunArgs {
     /// The command's way out. `none`: no network beyond lowport's own (published ports,
     /// --host-loopback, --dns). `pasta`: full outbound traffic through pasta (package passt), which
     /// lowport starts for the namespace with every automatic port forward and the host-loopback
-    /// mapping off, and stops with the run; implies --dns
+    /// mapping off, and stops with the run. A resolver of /etc/resolv.conf on the host's loopback
+    /// (127.0.0.53) is mirrored as with --dns; others are reached through pasta
     #[arg(long, value_enum, default_value_t = lowport::pasta::Net::None, value_name = "MODE")]
     net: lowport::pasta::Net,
 

@@ -60,7 +60,8 @@ const TABLE_REPLIES_V6: u32 = 100;
 /// With a way out (`--net pasta`) those routes would swallow outbound traffic, and a UDP server answering
 /// from a wildcard socket would answer into the outside network. The relay then shows every client that
 /// is not on the host's loopback as RFC 7600's 192.0.0.8 (64:ff9b::c000:8 over IPv6), and only these two
-/// addresses are made local (`Clients::StandIns`); handed-over sockets see every client as it is.
+/// addresses are made local (`Clients::StandIns`), with 127.0.0.1 and ::1 as the source of what is
+/// sent to them, as the relay's flows expect; handed-over sockets see every client as it is.
 ///
 /// The design notes proposed IP_TRANSPARENT instead; it needs CAP_NET_ADMIN or CAP_NET_RAW at every
 /// connection, which would keep a capability in the long-running relay. docs/how-it-works.md explains.
@@ -75,22 +76,24 @@ pub fn route_replies_to_clients(clients: Clients) -> Result<(), NetnsError> {
                 len: 32,
             },
             lo,
-            None,
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             TABLE_LOCAL,
         )
-        .map_err(step("ip route add local 192.0.0.8 dev lo table local"))?;
+        .map_err(step(
+            "ip route add local 192.0.0.8 dev lo src 127.0.0.1 table local",
+        ))?;
         match nl.add_local_route(
             Prefix {
                 addr: IpAddr::V6(crate::forward::nat64(crate::forward::RELAY_V4)),
                 len: 128,
             },
             lo,
-            None,
+            Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             TABLE_LOCAL,
         ) {
             Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(()),
             other => other.map_err(step(
-                "ip -6 route add local 64:ff9b::c000:8 dev lo table local",
+                "ip -6 route add local 64:ff9b::c000:8 dev lo src ::1 table local",
             ))?,
         }
         return Ok(());
