@@ -26,9 +26,18 @@ a word), lowport with --forward relay.
 Everything runs as an unprivileged user, as lowport is used. As root, the harness installs the peers
 (and nginx-light, its service kept from starting) from Debian's packages and runs every setup as the
 test user `lowport-test` (rootlesskit needs its /etc/subuid range; uid 65534 when that user cannot be
-had), from copies of the binaries in a temporary directory. Environment: BENCH_QUICK=1 for a short
-smoke run (written under target/bench/, leaving docs/ alone), BENCH_REPEAT=N runs of each throughput
-figure (median), BENCH_OUT=DIR.
+had), from copies of the binaries in a temporary directory.
+
+Network: pasta copies the addresses and routes of the namespace it starts in, and gives the namespace
+outbound traffic through them. So that nothing a setup does can reach the machine's real gateway, the
+harness (as root) creates a network namespace `lp-bench` with a veth pair to a peer namespace
+`lp-bench-peer` (10.78.0.2/24 and fd78::2/64 here, 10.78.0.1 and fd78::1 there, the default routes via
+the peer), re-executes itself in `lp-bench` with `ip netns exec` and runs every setup there, the direct
+baseline too, so that the ratios compare like with like; it deletes both namespaces at the end, also
+after an error or Ctrl-C. Not as root it cannot create them, and skips what runs pasta.
+
+Environment: BENCH_QUICK=1 for a short smoke run (written under target/bench/, leaving docs/ alone),
+BENCH_REPEAT=N runs of each throughput figure (median), BENCH_OUT=DIR.
 
 Only the standard library, plus matplotlib for the chart (skipped with a message when missing).
 """
@@ -98,6 +107,9 @@ METRICS = [
 ]
 METRIC = {m[0]: m for m in METRICS}
 RATIO_METRICS = ["iperf1", "iperf4", "keepalive", "newconn", "echo", "nginx"]
+# The test network namespaces (see the docstring); addresses of lp-bench's side and of the peer's.
+NETNS, PEER_NETNS = "lp-bench", "lp-bench-peer"
+NETNS_ADDRS = (("10.78.0.2/24", "10.78.0.1/24", "10.78.0.1"), ("fd78::2/64", "fd78::1/64", "fd78::1"))
 
 
 def log(msg):
@@ -246,6 +258,118 @@ class TunAccess:
         if self.restore is not None:
             os.chmod("/dev/net/tun", self.restore)
             self.restore = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The test network namespaces
+
+
+def netns_inode(name):
+    try:
+        return os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return None
+
+
+def in_test_netns():
+    """Whether this process runs in lp-bench (set up by the harness's own parent)."""
+    return netns_inode(NETNS) is not None and os.stat("/proc/self/ns/net").st_ino == netns_inode(NETNS)
+
+
+def ip(*args, check=True):
+    r = subprocess.run([which("ip") or "ip", *args], capture_output=True, text=True, check=False)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {last_line(r.stderr) or f'exit status {r.returncode}'}")
+    return r
+
+
+class TestNet:
+    """lp-bench and its peer lp-bench-peer, joined by a veth pair; the default routes of lp-bench go
+    to the peer, where nothing answers. Root only."""
+
+    def __init__(self):
+        self.made = []
+        for name in (NETNS, PEER_NETNS):
+            if netns_inode(name) is not None:
+                pids = ip("netns", "pids", name, check=False).stdout.split()
+                if pids:
+                    raise RuntimeError(f"network namespace {name} exists with processes in it ({' '.join(pids)}): "
+                                       "is another make bench running?")
+                log(f"deleting the network namespace {name} left by an earlier run")
+                ip("netns", "del", name)
+        try:
+            for name in (NETNS, PEER_NETNS):
+                ip("netns", "add", name)
+                self.made.append(name)
+                ip("-n", name, "link", "set", "lo", "up")
+            ip("-n", NETNS, "link", "add", "lpb0", "type", "veth", "peer", "name", "lpb1", "netns", PEER_NETNS)
+            for (mine, peer, gw) in NETNS_ADDRS:
+                extra = ("nodad",) if ":" in mine else ()
+                ip("-n", NETNS, "addr", "add", mine, "dev", "lpb0", *extra)
+                ip("-n", PEER_NETNS, "addr", "add", peer, "dev", "lpb1", *extra)
+            ip("-n", NETNS, "link", "set", "lpb0", "up")
+            ip("-n", PEER_NETNS, "link", "set", "lpb1", "up")
+            for (_, _, gw) in NETNS_ADDRS:
+                ip("-n", NETNS, "-6" if ":" in gw else "-4", "route", "add", "default", "via", gw)
+        except BaseException:
+            self.close()
+            raise
+        if os.path.isdir(f"/etc/netns/{NETNS}"):
+            # ip netns exec would bind-mount these over /etc.
+            log(f"note: /etc/netns/{NETNS} exists; ip netns exec mounts its files over /etc for the run")
+
+    def close(self):
+        """Ends what is left in the namespaces (the harness stops its own launches; this is for a run
+        that was cut short) and deletes them, the veth pair with them."""
+        for name in reversed(self.made):
+            pids = [int(p) for p in ip("netns", "pids", name, check=False).stdout.split() if p.isdigit()]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if pids:
+                log(f"killed {len(pids)} process(es) left in the network namespace {name}")
+            ip("netns", "del", name, check=False)
+        self.made = []
+
+
+def run_in_test_netns():
+    """As root: creates the test namespaces, runs this script again inside lp-bench, and deletes them
+    whatever happens. Ctrl-C (SIGINT), SIGTERM and SIGHUP are passed on to the run, once, and the
+    namespaces go after it has tidied up."""
+    net = TestNet()
+    child = None
+    caught = []
+
+    def forward(signum, _frame):
+        caught.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        log(f"running in the network namespace {NETNS} (veth to {PEER_NETNS}; default routes via "
+            f"{NETNS_ADDRS[0][2]} and {NETNS_ADDRS[1][2]})")
+        # A session of its own: a Ctrl-C at the terminal reaches it once, through forward().
+        child = subprocess.Popen([which("ip") or "ip", "netns", "exec", NETNS, sys.executable,
+                                  os.path.abspath(__file__)], env=dict(os.environ, BENCH_IN_NETNS=NETNS),
+                                 start_new_session=True)
+        if caught:  # a signal that came before the child existed
+            child.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        net.close()
+        log(f"deleted the network namespaces {NETNS} and {PEER_NETNS}")
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -990,6 +1114,15 @@ class Pasta(Setup):
     key, label, needs = "pasta", "pasta", ("iperf3", "wrk", "pasta")
     nginx = True
 
+    def missing(self):
+        why = super().missing()
+        if why:
+            return why
+        if not self.ctx["netns"]:
+            return (f"pasta runs only in the test network namespace {NETNS}, which the harness creates as "
+                    "root (pasta would take this machine's routes)")
+        return None
+
     def launch_argv(self, http_hp, iperf_hp):
         return ["pasta", "--config-net", "-t", f"127.0.0.1/{http_hp}:80", "-t", f"127.0.0.1/{iperf_hp}:5201",
                 "-u", "none", "-T", "none", "-U", "none",
@@ -1398,6 +1531,7 @@ def write_markdown(path, rows, info, results, notes, png_name):
     L.append("- peers (Debian packages): " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     L.append(f"- every setup ran as {info['user']}, not root; clients on the host, servers inside; "
              f"CPUs busy with other work just before the run: {info.get('busy', '?')}")
+    L.append(f"- network: {info['network']}")
     L.append(f"- {'QUICK smoke run: ' if QUICK else ''}iperf3 -t {DURATION}, wrk -d {DURATION}s; each figure is "
              f"the median of {REPEAT} round(s), and each round launches every setup afresh in turn, so that a "
              "disturbance touches all setups alike; every measurement starts only once the CPUs are idle. "
@@ -1441,6 +1575,16 @@ def write_markdown(path, rows, info, results, notes, png_name):
         "inherited socket, so its throughput is measured with HTTP echo). *rootlesskit*: `rootlesskit "
         "--net=slirp4netns --port-driver=builtin|slirp4netns --disable-host-loopback -p 127.0.0.1:H:80/tcp "
         "-- ...`. *pasta*: `pasta --config-net -t 127.0.0.1/H:80 -u none -T none -U none -- ...`.")
+    L.append(
+        f"- **Network.** As root the harness runs everything, the direct baseline included, in a network "
+        f"namespace of its own, `{NETNS}`: a veth pair to a peer namespace `{PEER_NETNS}` "
+        f"({NETNS_ADDRS[0][0]} and {NETNS_ADDRS[1][0]} on its side, {NETNS_ADDRS[0][1]} and "
+        f"{NETNS_ADDRS[1][1]} on the peer's), and its default routes via the peer. pasta copies the "
+        "addresses and routes of the namespace it starts in; there they lead to the peer, where nothing "
+        "answers, not to the machine's gateway. The \"host\" of every setup, where the clients run, is"
+        f" `{NETNS}`; its loopback is the same kernel path as the machine's. "
+        "The harness enters it with `ip netns exec` (which mounts a sysfs of the namespace over /sys) and "
+        "deletes both namespaces at the end.")
     L.append(
         "- **Order** in each round: nginx (a launch of its own), then iperf3 1 stream, 4 streams, HTTP echo, "
         "keep-alive, new connections (echo before keep-alive because pasta's echo throughput drops to about "
@@ -1612,9 +1756,10 @@ def draw_chart(data_path, png_path):
     fig.savefig(png_path, dpi=110)
 
 
-def chart(data_path, png_path):
-    """Draws with this interpreter's matplotlib, or Debian's python3 (python3-matplotlib), installing
-    that package as root; otherwise says why there is no chart."""
+def chart_python(install):
+    """This interpreter or Debian's python3, whichever has matplotlib; with `install`, as root, installs
+    python3-matplotlib when neither has it (before the run enters its network namespace, where no
+    package can be fetched)."""
     candidates = [sys.executable]
     if os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3") and os.access("/usr/bin/python3", os.X_OK):
         candidates.append("/usr/bin/python3")
@@ -1623,13 +1768,20 @@ def chart(data_path, png_path):
         return subprocess.run([py, "-c", "import matplotlib"], capture_output=True, check=False).returncode == 0
 
     py = next((p for p in candidates if has_mpl(p)), None)
-    if py is None and os.geteuid() == 0 and shutil.which("apt-get"):
+    if py is None and install and os.geteuid() == 0 and shutil.which("apt-get"):
         log("installing python3-matplotlib from Debian's packages for the chart")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=False)
         subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-matplotlib"],
                        env=env, stdout=subprocess.DEVNULL, check=False)
         py = next((p for p in candidates if has_mpl(p)), None)
+    return py
+
+
+def chart(data_path, png_path):
+    """Draws with this interpreter's matplotlib, or Debian's python3 (python3-matplotlib); otherwise
+    says why there is no chart."""
+    py = chart_python(install=not os.environ.get("BENCH_IN_NETNS"))
     if py is None:
         log("no chart: matplotlib is missing (install python3-matplotlib: sudo apt install python3-matplotlib)")
         return False
@@ -1648,11 +1800,29 @@ def shown(path):
     return path if rel.startswith("..") else rel
 
 
+def interrupted(_signum, _frame):
+    raise KeyboardInterrupt
+
+
 def main():
-    ensure_packages()
+    inside = os.environ.get("BENCH_IN_NETNS") == NETNS
+    if inside and not in_test_netns():
+        sys.exit(f"bench: BENCH_IN_NETNS={NETNS} is set, but this is not the network namespace {NETNS}")
+    if not inside:
+        ensure_packages()
     for prog in ("lowport", "demo-server"):
         if not os.access(os.path.join(RELEASE, prog), os.X_OK):
             sys.exit(f"bench: {RELEASE}/{prog} is missing; build first (make release, or make bench)")
+    if not inside and os.geteuid() == 0:
+        if not which("ip"):
+            sys.exit("bench: ip (Debian package iproute2) is needed for the test network namespace")
+        chart_python(install=True)
+        try:
+            sys.exit(run_in_test_netns())
+        except RuntimeError as e:
+            sys.exit(f"bench: cannot set up the test network namespace: {e}")
+    # In lp-bench (or not root, on the host): a SIGTERM tidies up as Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupted)
     out_dir = os.environ.get("BENCH_OUT") or (os.path.join(ROOT, "target", "bench") if QUICK
                                                else os.path.join(ROOT, "docs"))
     os.makedirs(out_dir, exist_ok=True)
@@ -1691,7 +1861,7 @@ def main():
 
         runner = Runner(work)
         ctx = {"lowport": os.path.join(work, "lowport"), "demo": os.path.join(work, "demo-server"),
-               "echo_lua": echo_lua}
+               "echo_lua": echo_lua, "netns": inside}
         busy = cpu_busy(1.0)
         log(f"{'quick smoke run, ' if QUICK else ''}running every setup as {runner.name} (uid {runner.uid})"
             f"{' via setpriv' if runner.root else ''}; binaries copied to {work}")
@@ -1722,6 +1892,9 @@ def main():
 
         info = machine_info(ctx, runner)
         info["busy"] = f"{busy:.0%}"
+        info["network"] = (f"every setup ran in the test network namespace {NETNS} (a veth pair to {PEER_NETNS}, "
+                           f"default routes via {NETNS_ADDRS[0][2]} and {NETNS_ADDRS[1][2]})" if inside else
+                           "the machine's own (not run as root: no test network namespace, so nothing ran pasta)")
         rows = build_rows(results, setups)
         notes = collect_notes(results, setups, tun, rows)
         if busy > 0.15 or any(QUIET.values()):
