@@ -46,10 +46,11 @@ lint:
 
 # Benchmarks against direct loopback, rootlesskit and pasta; writes docs/benchmarks.md and .png.
 # As root it installs the peers from Debian's packages. Not part of `test` or CI.
-# `make bench BENCH_QUICK=1` is a short smoke run, written under target/bench/ instead.
+# `make bench BENCH_QUICK=1` is a short smoke run, written under target/bench/ instead; BENCH_ONLY=proxy,startup
+# runs only those rows (see scripts/bench/bench.py).
 BENCH_PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 bench: release
-	@BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) scripts/bench/bench.py
+	@BENCH_QUICK=$(BENCH_QUICK) BENCH_ONLY=$(BENCH_ONLY) $(BENCH_PYTHON) scripts/bench/bench.py
 
 clean:
 	$(CARGO) clean

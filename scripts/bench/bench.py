@@ -13,7 +13,12 @@ ports, and measures:
   * nginx (Debian's nginx-light, unprivileged, its config in a temporary directory) serving a 1 KiB
     static file with keep-alive, under direct loopback, lowport handoff and relay, rootlesskit builtin
     and pasta;
-  * the start-up time of `... -- true` (median of many runs);
+  * the nginx proxy_pass chain: wrk -> a front nginx in the setup -> proxy_pass to an app (a second
+    nginx, 1 KiB body) on the host's loopback, reached with each launcher's host-loopback option
+    (lowport --host-loopback PORT, rootlesskit's slirp4netns 10.0.2.2, pasta's gateway mapping), against
+    the same chain with no namespaces;
+  * the start-up time of `... -- true` (median of many runs), also with --host-loopback and --net pasta,
+    and pasta's own start-up on an existing namespace;
   * the forwarder's resident memory with 1000 idle forwarded connections open.
 
 It prints one table of absolute figures, ratios to direct loopback and the project's goals, writes it
@@ -37,7 +42,11 @@ baseline too, so that the ratios compare like with like; it deletes both namespa
 after an error or Ctrl-C. Not as root it cannot create them, and skips what runs pasta.
 
 Environment: BENCH_QUICK=1 for a short smoke run (written under target/bench/, leaving docs/ alone),
-BENCH_REPEAT=N runs of each throughput figure (median), BENCH_OUT=DIR.
+BENCH_REPEAT=N runs of each throughput figure (median), BENCH_OUT=DIR. BENCH_ONLY=LIST runs only the
+listed rows (comma-separated: iperf1, iperf4, keepalive, newconn, echo, nginx, proxy, startup, rss; iperf
+and http name groups), e.g. BENCH_ONLY=proxy,startup; such a partial run is written under target/bench/
+too. BENCH_PROXY_KEEPALIVE=0 runs the proxy_pass chain without upstream keep-alive (a new connection
+to the app for each request) instead of the default `keepalive 64`.
 
 Only the standard library, plus matplotlib for the chart (skipped with a message when missing).
 """
@@ -72,6 +81,9 @@ STARTUP_WARMUP = 2 if QUICK else 3
 IDLE_CONNS = 1000
 ECHO_BODY = 1 << 20
 NGINX_FILE = 1024  # bytes of the static file nginx serves
+# The proxy_pass chain's upstream: connections kept alive to the app (nginx's `keepalive N`), or 0 for a
+# new connection to the app per request.
+PROXY_KEEPALIVE = 0 if os.environ.get("BENCH_PROXY_KEEPALIVE", "") in ("0", "no", "false") else 64
 READY_TIMEOUT = 20.0
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -95,18 +107,43 @@ PEER_PACKAGES = ["iperf3", "wrk", "rootlesskit", "slirp4netns", "passt", "nginx-
 PEERS = ["rk_builtin", "rk_slirp", "pasta"]
 
 # Metrics, in table order: key, label, unit, higher is better.
-METRICS = [
+ALL_METRICS = [
     ("iperf1", "iperf3, 1 stream", "Gbit/s", True),
     ("iperf4", "iperf3, 4 streams", "Gbit/s", True),
     ("keepalive", "HTTP keep-alive", "req/s", True),
     ("newconn", "HTTP new connections", "conn/s", True),
     ("echo", "HTTP echo, 1 MiB bodies", "MiB/s", True),
     ("nginx", "nginx keep-alive, 1 KiB file", "req/s", True),
+    ("proxy", "nginx proxy_pass to an app on the host's loopback, 1 KiB", "req/s", True),
     ("startup", "start-up of `-- true` (median)", "ms", False),
     ("rss", f"forwarder RSS, {IDLE_CONNS} idle connections", "MiB", False),
 ]
-METRIC = {m[0]: m for m in METRICS}
-RATIO_METRICS = ["iperf1", "iperf4", "keepalive", "newconn", "echo", "nginx"]
+METRIC = {m[0]: m for m in ALL_METRICS}
+# BENCH_ONLY: the rows to run (all when unset), with names for groups of them.
+ONLY_GROUPS = {"iperf": ["iperf1", "iperf4"], "http": ["keepalive", "newconn", "echo"]}
+
+
+def parse_only(text):
+    if not text.strip():
+        return [m[0] for m in ALL_METRICS]
+    want = set()
+    for word in (w.strip() for w in text.split(",")):
+        if word in ONLY_GROUPS:
+            want.update(ONLY_GROUPS[word])
+        elif word in METRIC:
+            want.add(word)
+        elif word:
+            sys.exit(f"bench: BENCH_ONLY: unknown row {word!r} (rows: {', '.join(METRIC)}; groups: "
+                     f"{', '.join(ONLY_GROUPS)})")
+    return [m[0] for m in ALL_METRICS if m[0] in want]
+
+
+ONLY = parse_only(os.environ.get("BENCH_ONLY", ""))
+PARTIAL = len(ONLY) < len(ALL_METRICS)
+METRICS = [m for m in ALL_METRICS if m[0] in ONLY]
+RATIO_METRICS = [m for m in ["iperf1", "iperf4", "keepalive", "newconn", "echo", "nginx", "proxy"] if m in ONLY]
+# The rows measured against iperf3 -s and demo-server, launched together in each setup.
+SERVER_METRICS = [m for m in ["iperf1", "iperf4", "echo", "keepalive", "newconn", "rss"] if m in ONLY]
 # The test network namespaces (see the docstring); addresses of lp-bench's side and of the peer's.
 NETNS, PEER_NETNS = "lp-bench", "lp-bench-peer"
 NETNS_ADDRS = (("10.78.0.2/24", "10.78.0.1/24", "10.78.0.1"), ("fd78::2/64", "fd78::1/64", "fd78::1"))
@@ -370,6 +407,20 @@ def run_in_test_netns():
         log(f"deleted the network namespaces {NETNS} and {PEER_NETNS}")
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def default_gateway4():
+    """The IPv4 gateway of this network namespace's default route, or None."""
+    try:
+        with open("/proc/net/route") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == "00000000" and int(fields[3], 16) & 2:  # RTF_GATEWAY
+                    return socket.inet_ntoa(int(fields[2], 16).to_bytes(4, "little"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -659,7 +710,10 @@ def check_forwarding(setup, launch, ports):
     for port in ports:
         while True:
             holders, unreadable = listener_holders(port)
-            inside = holders - {launch.pid}
+            # The servers: not the launcher, nor a process of lowport's own beside it (a copy of the
+            # host socket in lowport's host-side helper is no handoff).
+            table = proc_table()
+            inside = {p for p in holders if p != launch.pid and table.get(p, (0, "", "?"))[2] != "lowport"}
             if setup.forward == "handoff":
                 ok = bool(inside) and launch.pid not in holders
             else:
@@ -771,10 +825,78 @@ def startup_helper(n, warmup, argv):
         print(json.dumps({"times": times, "errors": errors}))
 
 
-def measure_startup(runner, argv):
+def attach_helper(n, warmup, argv):
+    """pasta's own start-up, in the benchmark user's process (`--attach-helper`): for each run, first
+    (not timed) a user and network namespace of its own, made by unshare the way lowport --userns
+    single makes them, then the wall time of `argv` with {pid} replaced by the namespace's process and
+    {pidfile} by a file for pasta's pid: pasta's first process returns once the namespace's interface
+    is configured and leaves the rest in the background, which is then stopped, as is the namespace."""
+    times, errors = [], []
+    pidfile = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"bench-pasta.{os.getpid()}.pid")
+    own = os.stat("/proc/self/ns/net").st_ino
+    i = 0
+    while i < warmup + n and not (len(errors) > n // 3 or (len(errors) >= 3 and len(errors) > i)):
+        holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "--", "sleep", "60"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            # Once unshare has written the maps it runs sleep.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    with open(f"/proc/{holder.pid}/comm") as f:
+                        ready = f.read().strip() == "sleep"
+                    ready = ready and os.stat(f"/proc/{holder.pid}/ns/net").st_ino != own
+                except OSError:
+                    ready = False
+                if ready or holder.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+            if not ready:
+                errors.append("unshare --user --map-root-user --net did not start")
+                continue
+            cmd = [a.replace("{pid}", str(holder.pid)).replace("{pidfile}", pidfile) for a in argv]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=20, check=False)
+            dt = time.perf_counter() - t0
+            if p.returncode != 0:
+                errors.append(f"exit status {p.returncode}: {last_line(p.stderr.decode(errors='replace'))}")
+                continue
+            if i >= warmup:
+                times.append(dt)
+            i += 1
+        except subprocess.TimeoutExpired:
+            errors.append("did not return within 20 s")
+        finally:
+            try:
+                with open(pidfile) as f:
+                    os.kill(int(f.read().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+            holder.kill()
+            holder.wait()
+    if not times or len(times) < n:
+        print(json.dumps({"error": errors[0] if errors else "no run"}))
+    else:
+        print(json.dumps({"times": times, "errors": errors}))
+
+
+# pasta as lowport --net pasta starts it (issue 9: every forward and the gateway mapping off), attached
+# to a namespace's process; see attach_helper.
+PASTA_ATTACH = ["pasta", "--config-net", "-q", "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+                "--no-map-gw", "-P", "{pidfile}", "{pid}"]
+
+
+def measure_startup(runner, argv, attach=False):
     helper = os.path.join(runner.work, "bench.py")
     wait_quiet()
-    r = runner.run([runner.python, helper, "--startup-helper", str(STARTUP_RUNS), str(STARTUP_WARMUP),
+    mode = "--attach-helper" if attach else "--startup-helper"
+    r = runner.run([runner.python, helper, mode, str(STARTUP_RUNS), str(STARTUP_WARMUP),
                     "--", *argv], timeout=300)
     try:
         data = json.loads(r.stdout.strip().splitlines()[-1])
@@ -905,13 +1027,41 @@ def inner_script(demo, http_port, iperf_port):
     return f"{lim}; {iperf}exec {demo} --port {http_port}"
 
 
-def nginx_setup(runner, name, listen):
+def proxy_conf(upstream):
+    """The front nginx of the proxy_pass chain: everything to the app at `upstream` (HOST:PORT), with
+    PROXY_KEEPALIVE connections to it kept alive (HTTP/1.1 without `Connection: close`), or nginx's
+    default of a new connection per request (HTTP/1.0) when 0."""
+    if PROXY_KEEPALIVE:
+        keep = f"\n        keepalive {PROXY_KEEPALIVE};"
+        http11 = '\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
+    else:
+        keep = http11 = ""
+    return f"""upstream app {{
+        server {upstream};{keep}
+    }}
+    server {{
+        listen {{listen}};
+        location / {{
+            proxy_pass http://app;{http11}
+        }}
+    }}"""
+
+
+def nginx_setup(runner, name, listen, upstream=None):
     """A directory of nginx's own (config, pid file, logs, temporary paths) owned by the benchmark
-    user, and the command that runs nginx from it in the foreground: master and one worker."""
+    user, and the command that runs nginx from it in the foreground: master and one worker. It serves
+    the files of nginx-www, or with `upstream` passes every request on to it (proxy_conf)."""
     d = os.path.join(runner.work, "nginx", name)
     os.makedirs(d)
     www = os.path.join(runner.work, "nginx-www")
     conf = os.path.join(d, "nginx.conf")
+    if upstream:
+        server = proxy_conf(upstream).replace("{listen}", listen)
+    else:
+        server = f"""server {{
+        listen {listen};
+        root {www};
+    }}"""
     with open(conf, "w") as f:
         f.write(f"""daemon off;
 master_process on;
@@ -931,10 +1081,7 @@ http {{
     default_type text/html;
     sendfile on;
     keepalive_requests 1000000;
-    server {{
-        listen {listen};
-        root {www};
-    }}
+    {server}
 }}
 """)
     if runner.root:
@@ -943,12 +1090,24 @@ http {{
     return [which("nginx") or "/usr/sbin/nginx", "-e", os.path.join(d, "error.log"), "-p", d, "-c", conf]
 
 
+_HELP = {}
+
+
+def lowport_has(ctx, option):
+    """Whether this lowport build knows `option` (in `lowport run --help`)."""
+    if ctx["lowport"] not in _HELP:
+        r = subprocess.run([ctx["lowport"], "run", "--help"], capture_output=True, text=True, check=False)
+        _HELP[ctx["lowport"]] = r.stdout + r.stderr
+    return re.search(re.escape(option) + r"\b(?!-)", _HELP[ctx["lowport"]]) is not None
+
+
 class Setup:
     key = ""
     label = ""
     needs = ()
     iperf = True  # whether iperf3 can be measured in this setup
     nginx = False  # whether the nginx row is measured in this setup
+    proxy = False  # whether the proxy_pass chain is measured in this setup
     forward = None  # lowport's --forward, checked: "handoff" (the server holds the listener) or "relay"
 
     def __init__(self, ctx):
@@ -972,6 +1131,15 @@ class Setup:
         """nginx with port 80 of the namespace published on 127.0.0.1:hp."""
         raise NotImplementedError
 
+    def proxy_missing(self):
+        """None when the proxy_pass chain can run, or why not."""
+        return None
+
+    def proxy_argv(self, hp, app, runner, name):
+        """The front nginx of the proxy_pass chain, port 80 of the namespace published on
+        127.0.0.1:hp, passing requests to the app on the host's 127.0.0.1:app."""
+        raise NotImplementedError
+
     def forwarder(self, launch):
         """(name, pid) of the processes whose memory is the forwarder's."""
         return [(self.label.split()[0], launch.pid)]
@@ -980,12 +1148,16 @@ class Setup:
 class Direct(Setup):
     key, label, needs = "direct", "direct loopback", ("iperf3", "wrk", "unshare")
     nginx = True
+    proxy = True
 
     def launch_argv(self, http_hp, iperf_hp):
         return ["sh", "-c", inner_script(self.ctx["demo"], http_hp, iperf_hp)]
 
     def nginx_argv(self, hp, runner, name):
         return nginx_setup(runner, name, f"127.0.0.1:{hp}")
+
+    def proxy_argv(self, hp, app, runner, name):
+        return nginx_setup(runner, name, f"127.0.0.1:{hp}", upstream=f"127.0.0.1:{app}")
 
     def startup_argv(self, port):
         return ["unshare", "-Urn", "true"]
@@ -1025,15 +1197,25 @@ class LowportHandoff(LowportRelay):
     # Start-up as the user types it: the default --forward auto sets up the handoff the same way.
     startup_extra = ()
     forward = "handoff"
+    proxy = True
 
     def missing(self):
         why = super().missing()
         if why:
             return why
-        r = subprocess.run([self.ctx["lowport"], "run", "--help"], capture_output=True, text=True, check=False)
-        if "--forward" not in r.stdout:
+        if not lowport_has(self.ctx, "--forward"):
             return "this lowport has no --forward yet"
         return None
+
+    def proxy_missing(self):
+        if not lowport_has(self.ctx, "--host-loopback"):
+            return "this lowport has no --host-loopback yet"
+        return None
+
+    def proxy_argv(self, hp, app, runner, name):
+        # As the user types it: the default --forward auto hands port 80 to nginx (checked).
+        return [self.ctx["lowport"], "run", "-p", f"127.0.0.1:{hp}:80", "--host-loopback", str(app), "--",
+                *nginx_setup(runner, name, "80", upstream=f"127.0.0.1:{app}")]
 
 
 class LowportNoPreserve(LowportRelay):
@@ -1104,6 +1286,13 @@ class Rootlesskit(Setup):
 class RootlesskitBuiltin(Rootlesskit):
     key, label, driver = "rk_builtin", "rootlesskit builtin", "builtin"
     nginx = True
+    proxy = True
+
+    def proxy_argv(self, hp, app, runner, name):
+        # Without --disable-host-loopback: slirp4netns maps 10.0.2.2 to the host's 127.0.0.1.
+        base = [a for a in self.base() if a != "--disable-host-loopback"]
+        return [*base, "-p", f"127.0.0.1:{hp}:80/tcp", "--",
+                *nginx_setup(runner, name, "80", upstream=f"10.0.2.2:{app}")]
 
 
 class RootlesskitSlirp(Rootlesskit):
@@ -1113,6 +1302,7 @@ class RootlesskitSlirp(Rootlesskit):
 class Pasta(Setup):
     key, label, needs = "pasta", "pasta", ("iperf3", "wrk", "pasta")
     nginx = True
+    proxy = True
 
     def missing(self):
         why = super().missing()
@@ -1122,6 +1312,15 @@ class Pasta(Setup):
             return (f"pasta runs only in the test network namespace {NETNS}, which the harness creates as "
                     "root (pasta would take this machine's routes)")
         return None
+
+    def proxy_missing(self):
+        if not self.ctx["gateway"]:
+            return "no IPv4 default gateway here, which pasta maps to the host's loopback"
+        return None
+
+    def proxy_argv(self, hp, app, runner, name):
+        # pasta maps its namespace's default gateway (lp-bench's, copied) to the host's loopback.
+        return self.attached(runner, name, hp, upstream=f"{self.ctx['gateway']}:{app}")
 
     def launch_argv(self, http_hp, iperf_hp):
         return ["pasta", "--config-net", "-t", f"127.0.0.1/{http_hp}:80", "-t", f"127.0.0.1/{iperf_hp}:5201",
@@ -1133,10 +1332,13 @@ class Pasta(Setup):
                 "-U", "none", "--", "true"]
 
     def nginx_argv(self, hp, runner, name):
+        return self.attached(runner, name, hp)
+
+    def attached(self, runner, name, hp, upstream=None):
         # nginx's worker, started as uid 0, always calls setgid and initgroups, which fail in the
         # one-id user namespace pasta makes for a command. So nginx starts in namespaces of its own
         # with the subordinate ids mapped (unshare --map-auto), and pasta attaches to them.
-        nginx = " ".join(nginx_setup(runner, name, "80"))
+        nginx = " ".join(nginx_setup(runner, name, "80", upstream=upstream))
         script = ("unshare --user --map-root-user --map-auto --net -- " + nginx + " & pid=$!; i=0; "
                   'while [ "$(readlink /proc/$pid/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do '
                   "i=$((i + 1)); [ $i -lt 500 ] || exit 1; sleep 0.01; done; "
@@ -1172,26 +1374,43 @@ def start_servers(setup, runner, tag):
     return launch, http_hp, iperf_hp
 
 
-def measure_nginx(setup, runner, res, rnd):
-    """nginx in the setup, on its own: wrk with keep-alive against the 1 KiB file."""
+def measure_nginx(setup, runner, res, rnd, metric="nginx"):
+    """nginx in the setup, on its own: wrk with keep-alive against the 1 KiB file. With metric "proxy",
+    the proxy_pass chain: first the app (nginx serving the file, straight on the host's 127.0.0.1),
+    then the front nginx in the setup, which passes the requests on to it."""
     hp = free_port()
-    launch = Launch(runner, setup.nginx_argv(hp, runner, f"{setup.key}.{rnd}"),
-                    os.path.join(runner.work, f"{setup.key}.nginx.{rnd}.log"))
-    label = f"{setup.label}: {METRIC['nginx'][1]}"
+    label = f"{setup.label}: {METRIC[metric][1]}"
+    app = None
+    launch = None
     try:
-        wait_http(hp, launch, time.monotonic() + READY_TIMEOUT, what="nginx")
+        if metric == "proxy":
+            port = free_port()
+            while port == hp:
+                port = free_port()
+            app = Launch(runner, nginx_setup(runner, f"app.{setup.key}.{rnd}", f"127.0.0.1:{port}"),
+                         os.path.join(runner.work, f"{setup.key}.app.{rnd}.log"))
+            wait_http(port, app, time.monotonic() + READY_TIMEOUT, what="the app nginx")
+            argv = setup.proxy_argv(hp, port, runner, f"{setup.key}.proxy.{rnd}")
+        else:
+            argv = setup.nginx_argv(hp, runner, f"{setup.key}.{rnd}")
+        launch = Launch(runner, argv, os.path.join(runner.work, f"{setup.key}.{metric}.{rnd}.log"))
+        # Through the chain: the front nginx answers /healthz only from the app.
+        wait_http(hp, launch, time.monotonic() + READY_TIMEOUT,
+                  what="nginx" if metric == "nginx" else "the proxy_pass chain")
         check = check_forwarding(setup, launch, [hp])
         if check:
-            log(f"{setup.label}: nginx: {check}")
+            log(f"{setup.label}: {metric}: {check}")
         value, note = guarded(lambda: wrk(runner, f"http://127.0.0.1:{hp}/1k", 50, 2), runner.uid)
-        record(res, "nginx", value, note)
-        log(f"{label}: {fmt_value('nginx', value)}" + (f" ({note})" if note else ""))
+        record(res, metric, value, note)
+        log(f"{label}: {fmt_value(metric, value)}" + (f" ({note})" if note else ""))
     except Exception as e:  # noqa: BLE001
         reason = str(e) or type(e).__name__
-        record(res, "nginx", error=reason)
+        record(res, metric, error=reason)
         log(f"{label}: failed: {reason}")
     finally:
-        outlived = launch.stop()
+        outlived = launch.stop() if launch else []
+        if app:
+            app.stop()
     if outlived and setup.key != "direct":
         res.setdefault("outlived", set()).update(outlived)
 
@@ -1212,19 +1431,31 @@ def run_round(setup, runner, raw, rnd, with_rss):
     res = raw.setdefault(setup.key, {})
     log(f"{setup.label}: round {rnd + 1} of {REPEAT}")
     # nginx first, in launches of its own, before the new-connection test of demo-server leaves the
-    # kernel freeing sockets.
-    if not setup.nginx:
-        res["nginx"] = {"na": "not measured in this setup"}
-    elif not which("nginx"):
-        res["nginx"] = {"na": f"nginx not installed (Debian package {PROGRAMS['nginx']})"}
-    else:
-        measure_nginx(setup, runner, res, rnd)
+    # kernel freeing sockets; then the proxy_pass chain, likewise.
+    for metric, wanted in (("nginx", setup.nginx), ("proxy", setup.proxy)):
+        if metric not in ONLY:
+            continue
+        why = None if wanted else "not measured in this setup"
+        if why is None and not which("nginx"):
+            why = f"nginx not installed (Debian package {PROGRAMS['nginx']})"
+        if wanted and why is None and metric == "proxy":
+            missing = setup.proxy_missing()
+            if missing:
+                log(f"{setup.label}: {METRIC[metric][1]}: failed: {missing}")
+                record(res, metric, error=missing)
+                continue
+        if why:
+            res[metric] = {"na": why}
+        else:
+            measure_nginx(setup, runner, res, rnd, metric)
+    if not SERVER_METRICS:
+        return
     try:
         launch, http_hp, iperf_hp = start_servers(setup, runner, rnd)
     except Exception as e:  # noqa: BLE001 - a setup that fails is reported, and the run goes on
         reason = str(e) or type(e).__name__
         log(f"{setup.label}: failed to start: {reason}")
-        for key in [k for k in RATIO_METRICS if k != "nginx"] + (["rss"] if with_rss else []):
+        for key in [k for k in SERVER_METRICS if k != "rss"] + (["rss"] if with_rss and "rss" in ONLY else []):
             record(res, key, error=reason)
         return
     url = f"http://127.0.0.1:{http_hp}"
@@ -1240,6 +1471,8 @@ def run_round(setup, runner, raw, rnd, with_rss):
     ]
     try:
         for key, fn in steps:
+            if key not in ONLY:
+                continue
             if key.startswith("iperf") and not setup.iperf:
                 res[key] = {"na": "iperf3 cannot take an inherited socket"}
                 continue
@@ -1251,7 +1484,7 @@ def run_round(setup, runner, raw, rnd, with_rss):
             except Exception as e:  # noqa: BLE001
                 record(res, key, error=str(e) or type(e).__name__)
                 log(f"{setup.label}: {METRIC[key][1]}: failed: {str(e) or type(e).__name__}")
-        if with_rss:
+        if with_rss and "rss" in ONLY:
             if setup.forwarder(launch) is None:
                 res["rss"] = {"na": "no forwarder"}
             else:
@@ -1278,9 +1511,30 @@ def run_startup(setup, runner, raw):
         # The default (--userns auto) maps subordinate ids through newuidmap when the user has
         # ranges; the single-id map, the cheapest mode, is shown beside it.
         todo.append(("startup_single", setup.startup_argv(0, single=True)))
-    for key, argv in todo:
+    if setup.key == "handoff":
+        lp = [setup.ctx["lowport"], "run", "--userns", "single"]
+        todo.append(("startup_hostlo", None if lowport_has(setup.ctx, "--host-loopback")
+                     else "this lowport has no --host-loopback yet",
+                     [*lp, "--host-loopback", str(free_port()), "--", "true"]))
+        why = None
+        if not setup.ctx["netns"]:
+            why = f"runs pasta, which runs only in the test network namespace {NETNS} (root)"
+        elif not which("pasta"):
+            why = "pasta not installed (Debian package passt)"
+        elif not lowport_has(setup.ctx, "--net"):
+            why = "this lowport has no --net pasta yet"
+        todo.append(("startup_netpasta", why, [*lp, "--net", "pasta", "--", "true"]))
+    if setup.key == "pasta":
+        # pasta alone as lowport --net pasta starts it, on a namespace that exists already.
+        todo.append(("startup_attach", None, PASTA_ATTACH))
+    for item in todo:
+        key, why, argv = item if len(item) == 3 else (item[0], None, item[1])
+        if why:
+            res[key] = {"error": why}
+            log(f"{setup.label}: {key.replace('_', ' ')}: failed: {why}")
+            continue
         try:
-            r = measure_startup(runner, argv)
+            r = measure_startup(runner, argv, attach=key == "startup_attach")
             res[key] = r
             log(f"{setup.label}: {key.replace('_', ' ')}: {r['value']:.1f} ms ({r['note']})")
         except Exception as e:  # noqa: BLE001
@@ -1333,7 +1587,9 @@ def goals(setup_key, metric):
         ("handoff", "newconn"): ahead(0.97),
         ("handoff", "echo"): ahead(0.97),
         ("handoff", "nginx"): ahead(),
+        ("handoff", "proxy"): ahead(0.90),
         ("handoff", "startup_single"): ("≤ 5 ms", lambda v, r, p: v <= 5.0),
+        ("handoff", "startup_hostlo"): ("≤ 5 ms", lambda v, r, p: v <= 5.0),
         ("lowport", "iperf1"): at_least(0.85),
         ("lowport", "keepalive"): at_least(0.65),
         ("lowport", "newconn"): at_least(0.60),
@@ -1351,7 +1607,7 @@ def goals(setup_key, metric):
 def fmt_value(metric, v):
     if metric.startswith("iperf"):
         return f"{v:.1f} Gbit/s"
-    if metric in ("keepalive", "newconn", "nginx"):
+    if metric in ("keepalive", "newconn", "nginx", "proxy"):
         return f"{v:,.0f} {METRIC[metric][2]}"
     if metric == "echo":
         return f"{v:,.0f} MiB/s"
@@ -1376,10 +1632,13 @@ def build_rows(results, setups):
                 if peer is None or v / b["value"] > peer[1]:
                     peer = (s.label, v / b["value"])
         entries = []
+        by_key = {s.key: s for s in setups}
         for s in setups:
             entries.append((s, key, s.label))
-            if s.key in ("lowport", "handoff") and key == "startup":
-                entries.append((s, "startup_single", f"{s.label}, --userns single"))
+            if key == "startup":
+                for skey, mkey, slabel in STARTUP_EXTRA.get(s.key, []):
+                    if skey in by_key:
+                        entries.append((by_key[skey], mkey, slabel))
         for s, mkey, slabel in entries:
             res = results.get(s.key, {})
             r = res.get(mkey, {})
@@ -1423,6 +1682,16 @@ def build_rows(results, setups):
                          "note": r.get("note")})
     return rows
 
+
+# The start-up rows besides each setup's own: setup whose row follows -> (setup of the figure, key,
+# label). pasta's start-up on an existing namespace follows lowport --net pasta, for comparison.
+STARTUP_EXTRA = {
+    "handoff": [("handoff", "startup_single", "lowport handoff, --userns single"),
+                ("handoff", "startup_hostlo", "lowport, --userns single --host-loopback P"),
+                ("handoff", "startup_netpasta", "lowport, --userns single --net pasta"),
+                ("pasta", "startup_attach", "pasta alone, attached to an existing namespace")],
+    "lowport": [("lowport", "startup_single", "lowport relay, --userns single")],
+}
 
 HEADERS = ["metric", "setup", "result", "× direct", "goal", "met"]
 
@@ -1532,6 +1801,8 @@ def write_markdown(path, rows, info, results, notes, png_name):
     L.append(f"- every setup ran as {info['user']}, not root; clients on the host, servers inside; "
              f"CPUs busy with other work just before the run: {info.get('busy', '?')}")
     L.append(f"- network: {info['network']}")
+    if PARTIAL:
+        L.append(f"- a partial run (BENCH_ONLY): {', '.join(ONLY)}")
     L.append(f"- {'QUICK smoke run: ' if QUICK else ''}iperf3 -t {DURATION}, wrk -d {DURATION}s; each figure is "
              f"the median of {REPEAT} round(s), and each round launches every setup afresh in turn, so that a "
              "disturbance touches all setups alike; every measurement starts only once the CPUs are idle. "
@@ -1581,12 +1852,13 @@ def write_markdown(path, rows, info, results, notes, png_name):
         f"({NETNS_ADDRS[0][0]} and {NETNS_ADDRS[1][0]} on its side, {NETNS_ADDRS[0][1]} and "
         f"{NETNS_ADDRS[1][1]} on the peer's), and its default routes via the peer. pasta copies the "
         "addresses and routes of the namespace it starts in; there they lead to the peer, where nothing "
-        "answers, not to the machine's gateway. The \"host\" of every setup, where the clients run, is"
-        f" `{NETNS}`; its loopback is the same kernel path as the machine's. "
+        "answers, not to the machine's gateway. The \"host\" of every setup, where the clients and the "
+        f"proxy chain's app run, is `{NETNS}`; its loopback is the same kernel path as the machine's. "
         "The harness enters it with `ip netns exec` (which mounts a sysfs of the namespace over /sys) and "
         "deletes both namespaces at the end.")
     L.append(
-        "- **Order** in each round: nginx (a launch of its own), then iperf3 1 stream, 4 streams, HTTP echo, "
+        "- **Order** in each round: nginx, then the proxy_pass chain (launches of their own), then iperf3 "
+        "1 stream, 4 streams, HTTP echo, "
         "keep-alive, new connections (echo before keep-alive because pasta's echo throughput drops to about "
         "a quarter after a keep-alive test; new connections last because the kernel goes on freeing their "
         "sockets afterwards). "
@@ -1610,11 +1882,39 @@ def write_markdown(path, rows, info, results, notes, png_name):
         "--map-auto --net` (the subordinate ids mapped, as lowport's default and rootlesskit map them) and "
         "`pasta --config-net -f -t 127.0.0.1/H:80 -u none -T none -U none PID` attaches to its namespaces. "
         "The other setups have no nginx figure.")
+    if PROXY_KEEPALIVE:
+        upstream = (f"`upstream app {{ server ADDR:A; keepalive {PROXY_KEEPALIVE}; }}` and `location / {{ "
+                    "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }`")
+        why = (f"Upstream keep-alive (`keepalive {PROXY_KEEPALIVE}`, more than wrk's 50 connections, so "
+               "that the front nginx reuses its connections to the app), as nginx's documentation "
+               "advises for an app server behind it: the chain then measures the path of requests to the "
+               "host app, not of connections to it. Without it (`BENCH_PROXY_KEEPALIVE=0`: nginx's "
+               "default, HTTP/1.0 and a new connection to the app per request) the row is dominated by "
+               "connection set-up, which every setup pays on its own path (see the new connections row).")
+    else:
+        upstream = "`upstream app { server ADDR:A; }` and `location / { proxy_pass http://app; }`"
+        why = ("No upstream keep-alive (`BENCH_PROXY_KEEPALIVE=0`): nginx's default, HTTP/1.0 and a new "
+               "connection to the app per request.")
+    L.append(
+        "- **nginx proxy_pass chain**: the app, a second nginx configured as above and serving the same "
+        f"{NGINX_FILE}-byte file on `127.0.0.1:A` of the host, in no namespace of the setup, started first; "
+        f"then the front nginx, the same configuration with {upstream}; `wrk -c 50 -t 2 -d {DURATION}s "
+        "http://127.0.0.1:H/1k` goes through both. *direct loopback* (the row's baseline): the front nginx "
+        "on `127.0.0.1:H` of the host, ADDR `127.0.0.1`. *lowport handoff*: `lowport run -p 127.0.0.1:H:80 "
+        "--host-loopback A -- nginx ...`, ADDR `127.0.0.1`, unchanged from the baseline (the default "
+        "`--forward auto`, handoff, checked as above). *rootlesskit builtin*: `rootlesskit --net=slirp4netns "
+        "--port-driver=builtin -p 127.0.0.1:H:80/tcp -- nginx ...` without `--disable-host-loopback`, ADDR "
+        "`10.0.2.2`, which slirp4netns maps to the host's 127.0.0.1. *pasta*: nginx under unshare as in the "
+        "nginx row, `pasta --config-net -f -t 127.0.0.1/H:80 -u none -T none -U none PID`, ADDR the "
+        f"namespace's default gateway (copied from {NETNS}: {NETNS_ADDRS[0][2]}), which pasta maps to the "
+        "host's loopback by default. " + why)
     L.append(
         "- **Goals** of handoff: iperf3 one stream, HTTP keep-alive, new connections and echo at 0.97× of "
         "direct loopback or better; on every throughput and rate row, a ratio above every peer's "
         "(rootlesskit with either port driver and pasta; `> peers`), checked against the peers that gave a "
-        "figure; start-up with `--userns single` within 5 ms.")
+        "figure; start-up with `--userns single` within 5 ms. With `--host-loopback` (issue 9): the "
+        "proxy_pass chain at 0.90× of the same chain without namespaces or better and ahead of rootlesskit "
+        "and pasta; start-up with `--userns single --host-loopback PORT` within 5 ms.")
     L.append(
         "- **Start-up**: wall time of `lowport run -p 0:80 -- true` (lowport handoff: the default "
         "`--forward auto`, which sets up the handoff, seccomp listener included, on this kernel; lowport "
@@ -1623,7 +1923,13 @@ def write_markdown(path, rows, info, results, notes, png_name):
         "Python process that already runs as the benchmark user. lowport's default `--userns auto` maps "
         "the user's subordinate ids through newuidmap/newgidmap when the user has ranges (the benchmark "
         "user does); `--userns single` is the one-id map: `lowport run --userns single -p 0:80 -- true`, "
-        "and the same with `--forward relay`.")
+        "and the same with `--forward relay`. Then `lowport run --userns single --host-loopback PORT -- "
+        "true` (a free PORT, nothing listening on it) and `lowport run --userns single --net pasta -- "
+        "true`, which starts pasta and waits for it; beside it pasta's own start-up as lowport starts it, "
+        "on a namespace that exists already: for each run `unshare --user --map-root-user --net sleep` "
+        "first, not timed, then the wall time of `" + " ".join(PASTA_ATTACH).replace("{pidfile}", "FILE")
+        .replace("{pid}", "PID") + "`, whose first process returns once the namespace's interface is "
+        "configured and leaves pasta running in the background (stopped after each run).")
     L.append(
         f"- **RSS**: {IDLE_CONNS} connections opened from Python to the published HTTP port, each having sent "
         "nothing; once the listener's accept queue is empty and the memory has settled, VmRSS from "
@@ -1640,7 +1946,8 @@ def write_markdown(path, rows, info, results, notes, png_name):
     L.append("")
     L.append("Run it again with `make bench` (as root it installs iperf3, wrk, rootlesskit, slirp4netns, "
              "passt and nginx-light, and runs everything as the unprivileged test user); `make bench BENCH_QUICK=1` is a "
-             "short smoke run written under target/bench/.")
+             "short smoke run written under target/bench/, and `make bench BENCH_ONLY=proxy,startup` runs only "
+             "those rows (also written there).")
     L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -1677,10 +1984,11 @@ def draw_chart(data_path, png_path):
     with open(data_path) as f:
         data = json.load(f)
     results, labels, info = data["results"], data["labels"], data["info"]
+    ratio_metrics = data.get("ratio_metrics", RATIO_METRICS)
     order = [k for k in data["order"] if k != "direct" and "skipped" not in results.get(k, {})]
     colors = {"handoff": "#9467bd", "lowport": "#1f77b4", "lowport_nops": "#6baed6", "activation": "#08306b",
               "rk_builtin": "#ff7f0e", "rk_slirp": "#fdae6b", "pasta": "#2ca02c", "direct": "#7f7f7f"}
-    fig = plt.figure(figsize=(13, 9.5))
+    fig = plt.figure(figsize=(13, 10.5))
     gs = fig.add_gridspec(2, 2, height_ratios=[1.35, 1])
     ax = fig.add_subplot(gs[0, :])
     base = results.get("direct", {})
@@ -1689,10 +1997,10 @@ def draw_chart(data_path, png_path):
     goal_marks = {("lowport", "iperf1"): 0.85, ("lowport", "keepalive"): 0.65, ("lowport", "newconn"): 0.60,
                   ("activation", "echo"): 0.97, ("activation", "keepalive"): 0.97,
                   ("activation", "newconn"): 0.97, ("handoff", "iperf1"): 0.97, ("handoff", "keepalive"): 0.97,
-                  ("handoff", "newconn"): 0.97, ("handoff", "echo"): 0.97}
+                  ("handoff", "newconn"): 0.97, ("handoff", "echo"): 0.97, ("handoff", "proxy"): 0.90}
     for i, key in enumerate(order):
         xs, ys = [], []
-        for j, m in enumerate(RATIO_METRICS):
+        for j, m in enumerate(ratio_metrics):
             r, b = results.get(key, {}).get(m, {}), base.get(m, {})
             if "value" in r and "value" in b and b["value"]:
                 xs.append(j - 0.4 + width * (i + 0.5))
@@ -1704,8 +2012,9 @@ def draw_chart(data_path, png_path):
         for x, y in zip(xs, ys):
             ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(RATIO_METRICS)))
-    ax.set_xticklabels([METRIC[m][1].replace(", ", ",\n") for m in RATIO_METRICS])
+    short = {"proxy": "nginx proxy_pass,\nto a host app"}
+    ax.set_xticks(range(len(ratio_metrics)))
+    ax.set_xticklabels([short.get(m, METRIC[m][1].replace(", ", ",\n")) for m in ratio_metrics])
     ax.set_ylabel("ratio to direct loopback (higher is better)")
     top = max([1.0] + [p.get_height() for p in ax.patches])
     ax.set_ylim(0, top + 0.25)
@@ -1717,12 +2026,12 @@ def draw_chart(data_path, png_path):
     ax2 = fig.add_subplot(gs[1, 0])
     names, vals, cols = [], [], []
     for key in ["direct"] + order:
-        for mkey, lab in (("startup", labels[key]), ("startup_single", f"{labels[key]}, --userns single")):
-            r = results.get(key, {}).get(mkey, {})
+        for skey, mkey, lab in [(key, "startup", labels[key])] + STARTUP_EXTRA.get(key, []):
+            r = results.get(skey, {}).get(mkey, {})
             if "value" in r:
                 names.append(lab)
                 vals.append(r["value"])
-                cols.append(colors.get(key))
+                cols.append(colors.get(skey))
     ax2.barh(names, vals, color=cols)
     ax2.set_xscale("log")
     ax2.invert_yaxis()
@@ -1823,7 +2132,7 @@ def main():
             sys.exit(f"bench: cannot set up the test network namespace: {e}")
     # In lp-bench (or not root, on the host): a SIGTERM tidies up as Ctrl-C does.
     signal.signal(signal.SIGTERM, interrupted)
-    out_dir = os.environ.get("BENCH_OUT") or (os.path.join(ROOT, "target", "bench") if QUICK
+    out_dir = os.environ.get("BENCH_OUT") or (os.path.join(ROOT, "target", "bench") if QUICK or PARTIAL
                                                else os.path.join(ROOT, "docs"))
     os.makedirs(out_dir, exist_ok=True)
     data_dir = os.path.join(ROOT, "target", "bench")
@@ -1861,7 +2170,7 @@ def main():
 
         runner = Runner(work)
         ctx = {"lowport": os.path.join(work, "lowport"), "demo": os.path.join(work, "demo-server"),
-               "echo_lua": echo_lua, "netns": inside}
+               "echo_lua": echo_lua, "netns": inside, "gateway": default_gateway4()}
         busy = cpu_busy(1.0)
         log(f"{'quick smoke run, ' if QUICK else ''}running every setup as {runner.name} (uid {runner.uid})"
             f"{' via setpriv' if runner.root else ''}; binaries copied to {work}")
@@ -1884,7 +2193,8 @@ def main():
                     traceback.print_exc()
                     raw.setdefault(s.key, {})["harness_error"] = str(e)
         for s in runnable:
-            run_startup(s, runner, raw)
+            if "startup" in ONLY:
+                run_startup(s, runner, raw)
         results = summarize(raw)
         for key, res in results.items():
             if "harness_error" in res and not any("value" in v for v in res.values() if isinstance(v, dict)):
@@ -1919,7 +2229,8 @@ def main():
         data_path = os.path.join(data_dir, "results.json")
         with open(data_path, "w") as f:
             json.dump({"results": results, "info": info, "order": [s.key for s in setups],
-                       "labels": {s.key: s.label for s in setups}, "quick": QUICK}, f, indent=1)
+                       "labels": {s.key: s.label for s in setups}, "quick": QUICK, "only": ONLY,
+                       "ratio_metrics": RATIO_METRICS}, f, indent=1)
         write_markdown(md, rows, info, results, notes, os.path.basename(png))
         log(f"wrote {shown(md)} (raw figures: {shown(data_path)})")
         if chart(data_path, png):
@@ -1931,10 +2242,16 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--startup-helper":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--startup-helper", "--attach-helper"):
         sep = sys.argv.index("--")
-        startup_helper(int(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1:])
+        helper = startup_helper if sys.argv[1] == "--startup-helper" else attach_helper
+        helper(int(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1:])
     elif len(sys.argv) > 1 and sys.argv[1] == "--chart":
         draw_chart(sys.argv[2], sys.argv[3])
     else:
-        main()
+        try:
+            main()
+        except KeyboardInterrupt:
+            # The launches and the namespaces are gone by now (finally blocks).
+            log("interrupted")
+            sys.exit(130)
