@@ -221,6 +221,8 @@ class Runner:
                 os.mkdir(run, 0o700)
                 self.env["XDG_RUNTIME_DIR"] = run
         self.python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+        # The benchmark's uids on the host: the user's and its subordinate ones (others_cpu).
+        self.uids = [(self.uid, 1)] + subid_ranges(self.name)
 
     def _pick_user(self):
         """lowport-test has /etc/subuid and /etc/subgid ranges, which rootlesskit needs; every setup
@@ -250,6 +252,20 @@ class Runner:
                                     start_new_session=True)
         finally:
             out.close()
+
+
+def subid_ranges(user):
+    """The user's ranges in /etc/subuid, as (first, count)."""
+    ranges = []
+    try:
+        with open("/etc/subuid") as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] == user and parts[1].isdigit() and parts[2].isdigit():
+                    ranges.append((int(parts[1]), int(parts[2])))
+    except OSError:
+        pass
+    return ranges
 
 
 def has_subids(user):
@@ -459,16 +475,20 @@ def wait_quiet():
             return
 
 
-def others_cpu(bench_uid):
+def others_cpu(bench_uids):
     """CPU seconds used so far by the processes that are not the benchmark's: other users' processes
-    (a build, a test run), with their reaped children; kernel threads and this harness excluded."""
-    total = 0
+    (a build, a test run), with their reaped children; kernel threads and this harness excluded. The
+    benchmark's are those of its user and of the user's subordinate ids (`bench_uids`, (first, count)
+    ranges): nginx's worker, uid 0 inside a namespace with the subordinate ids mapped, switches to
+    nobody, a subordinate uid on the host."""
+    total = {}
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in (me, 2):
             continue
         try:
-            if os.stat(f"/proc/{entry}").st_uid == bench_uid:
+            uid = os.stat(f"/proc/{entry}").st_uid
+            if any(first <= uid < first + count for first, count in bench_uids):
                 continue
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
@@ -477,22 +497,26 @@ def others_cpu(bench_uid):
         rest = stat[stat.rindex(")") + 2:].split()
         if rest[1] == "2":  # a kernel thread
             continue
-        total += sum(int(x) for x in rest[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        total[comm] = total.get(comm, 0) + sum(int(x) for x in rest[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def guarded(fn, bench_uid):
+def guarded(fn, bench_uids):
     """Runs a measurement once the machine is quiet, and again (twice at most) when other work took
     more than 5% of the CPUs meanwhile; keeps the last run."""
     for attempt in range(3):
         wait_quiet()
-        c0, t0 = others_cpu(bench_uid), time.monotonic()
+        c0, t0 = others_cpu(bench_uids), time.monotonic()
         result = fn()
-        share = (others_cpu(bench_uid) - c0) / max((time.monotonic() - t0) * (os.cpu_count() or 1), 0.1)
+        c1 = others_cpu(bench_uids)
+        used = {comm: c1[comm] - c0.get(comm, 0) for comm in c1}
+        share = sum(used.values()) / max((time.monotonic() - t0) * (os.cpu_count() or 1), 0.1)
         if share <= 0.05:
             return result
         QUIET["disturbed"] += 1
-        log(f"other work took {share:.0%} of the CPUs during the measurement; "
+        top = ", ".join(c for c, v in sorted(used.items(), key=lambda x: -x[1])[:3] if v > 0)
+        log(f"other work ({top}) took {share:.0%} of the CPUs during the measurement; "
             + ("measuring again" if attempt < 2 else "keeping it"))
     QUIET["disturbed_kept"] += 1
     return result
@@ -1400,7 +1424,7 @@ def measure_nginx(setup, runner, res, rnd, metric="nginx"):
         check = check_forwarding(setup, launch, [hp])
         if check:
             log(f"{setup.label}: {metric}: {check}")
-        value, note = guarded(lambda: wrk(runner, f"http://127.0.0.1:{hp}/1k", 50, 2), runner.uid)
+        value, note = guarded(lambda: wrk(runner, f"http://127.0.0.1:{hp}/1k", 50, 2), runner.uids)
         record(res, metric, value, note)
         log(f"{label}: {fmt_value(metric, value)}" + (f" ({note})" if note else ""))
     except Exception as e:  # noqa: BLE001
@@ -1478,7 +1502,7 @@ def run_round(setup, runner, raw, rnd, with_rss):
                 continue
             try:
                 launch.check()
-                value, note = guarded(fn, runner.uid)
+                value, note = guarded(fn, runner.uids)
                 record(res, key, value, note)
                 log(f"{setup.label}: {METRIC[key][1]}: {fmt_value(key, value)}" + (f" ({note})" if note else ""))
             except Exception as e:  # noqa: BLE001
