@@ -1361,10 +1361,12 @@ class Pasta(Setup):
     def attached(self, runner, name, hp, upstream=None):
         # nginx's worker, started as uid 0, always calls setgid and initgroups, which fail in the
         # one-id user namespace pasta makes for a command. So nginx starts in namespaces of its own
-        # with the subordinate ids mapped (unshare --map-auto), and pasta attaches to them.
+        # with the subordinate ids mapped (unshare --map-auto), and pasta attaches to them once unshare
+        # has run nginx, that is once the namespaces exist and newuidmap has written their id maps.
         nginx = " ".join(nginx_setup(runner, name, "80", upstream=upstream))
         script = ("unshare --user --map-root-user --map-auto --net -- " + nginx + " & pid=$!; i=0; "
-                  'while [ "$(readlink /proc/$pid/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do '
+                  'while [ "$(cat /proc/$pid/comm 2>/dev/null)" != nginx ] || '
+                  '[ "$(readlink /proc/$pid/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do '
                   "i=$((i + 1)); [ $i -lt 500 ] || exit 1; sleep 0.01; done; "
                   f"exec pasta --config-net -f -t 127.0.0.1/{hp}:80 -u none -T none -U none $pid")
         return ["sh", "-c", script]
