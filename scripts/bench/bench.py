@@ -1911,12 +1911,12 @@ def write_markdown(path, rows, info, results, notes, png_name):
     if PROXY_KEEPALIVE:
         upstream = (f"`upstream app {{ server ADDR:A; keepalive {PROXY_KEEPALIVE}; }}` and `location / {{ "
                     "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }`")
-        why = (f"Upstream keep-alive (`keepalive {PROXY_KEEPALIVE}`, more than wrk's 50 connections, so "
-               "that the front nginx reuses its connections to the app), as nginx's documentation "
-               "advises for an app server behind it: the chain then measures the path of requests to the "
-               "host app, not of connections to it. Without it (`BENCH_PROXY_KEEPALIVE=0`: nginx's "
-               "default, HTTP/1.0 and a new connection to the app per request) the row is dominated by "
-               "connection set-up, which every setup pays on its own path (see the new connections row).")
+        why = (f"Upstream keep-alive (`keepalive {PROXY_KEEPALIVE}`: more idle connections kept than wrk's "
+               "50, so that the front nginx reuses its connections to the app, each for up to nginx's default "
+               "1000 requests), the usual configuration for an app behind nginx: the row measures requests "
+               "going through each setup's path to the host's loopback, not connection set-up, which the "
+               "new connections row measures. `BENCH_PROXY_KEEPALIVE=0` runs the chain with nginx's default "
+               "instead, HTTP/1.0 and a new connection to the app per request.")
     else:
         upstream = "`upstream app { server ADDR:A; }` and `location / { proxy_pass http://app; }`"
         why = ("No upstream keep-alive (`BENCH_PROXY_KEEPALIVE=0`): nginx's default, HTTP/1.0 and a new "
