@@ -1144,12 +1144,24 @@ fn readiness_reports_the_mode_of_each_port() {
     );
     assert_eq!(modes.len(), server.launch.ports.len());
     drop(server);
+    // Under auto, UDP ports are relayed: a handed UDP socket could send anywhere from the host's
+    // network namespace.
     let server = Server::start(lowport_run(
         None,
-        &["--forward", "auto", "-p", "127.0.0.1:0:80"],
+        &[
+            "--forward",
+            "auto",
+            "-p",
+            "127.0.0.1:0:80",
+            "-p",
+            "127.0.0.1:0:53/udp",
+        ],
         &command,
     ));
-    assert_eq!(server.modes(), ["tcp 127.0.0.1 handoff"]);
+    assert_eq!(
+        server.modes(),
+        ["tcp 127.0.0.1 handoff", "udp 127.0.0.1 relay"]
+    );
 }
 
 #[test]
