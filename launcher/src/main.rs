@@ -88,12 +88,15 @@ struct RunArgs {
     no_preserve_source: bool,
 
     /// How published ports reach COMMAND. `handoff`: when COMMAND binds a published port (on 0.0.0.0 or
-    /// [::]), lowport answers the bind with the host socket itself, so the server accepts host clients
-    /// directly, at native speed and with their real addresses, and lowport relays nothing (the server's
-    /// getsockname() then shows the host address and port). `relay`: lowport accepts on the host and
-    /// relays each connection to PORT inside. `auto` hands off where this kernel (5.9 or later) and the
-    /// port allow it and relays otherwise: host ports that needed privilege, binds lowport cannot see
-    /// (32-bit programs, io_uring), a COMMAND already under a seccomp listener
+    /// [::]), lowport answers the bind with the host socket itself, so the server accepts host
+    /// clients directly, at native speed and with their real addresses, and lowport relays nothing
+    /// (the server's getsockname() then shows the host address and port); likewise a connect to a
+    /// --host-loopback or --dns address gets a host socket connected to the service. `relay`: lowport
+    /// accepts on the host and relays each connection to PORT inside, and relays the command's
+    /// connections to host services. `auto` hands TCP ports off where this kernel (5.9 or later) and
+    /// the port allow it, and relays UDP ports (a handed UDP socket could send anywhere from the
+    /// host's network), host ports that needed privilege, and binds lowport cannot see (32-bit
+    /// programs, io_uring, a COMMAND already under a seccomp listener)
     #[arg(long, value_enum, default_value_t = lowport::handoff::Mode::Auto, value_name = "MODE")]
     forward: lowport::handoff::Mode,
 
