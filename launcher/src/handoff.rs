@@ -1386,27 +1386,24 @@ struct Watcher {
 /// (kept by thread id: reading each thread's group would cost a /proc read per connect).
 ///
 /// A socket replaced at connect time must be registered where the server registered the one it
-/// replaces, with the same events, data and descriptor number. Scanning every descriptor of a busy
-/// server at each connect would cost more than the relay saves, so the epoll instances found are
-/// kept, and the scan is repeated only when the socket is in none of them and the last scan is over
-/// [`EPOLL_RESCAN`] old. A process with more than [`EPOLL_SCAN_MAX`] descriptors is not scanned: its
-/// connects are relayed.
+/// replaces, with the same events, data and descriptor number; missing one would leave the server
+/// waiting for ever. The epoll instances found are kept, so that an event loop (which registers
+/// before it connects, in the instance it always uses) costs one fdinfo read per connect; when the
+/// socket is in none of them, every descriptor is looked at again, as an instance may be new. A
+/// process with more than [`EPOLL_SCAN_MAX`] descriptors is not scanned: its connects are relayed.
 #[derive(Debug, Default)]
 struct EpollCache {
-    known: std::collections::HashMap<i32, (Vec<RawFd>, std::time::Instant)>,
+    known: std::collections::HashMap<i32, Vec<RawFd>>,
 }
-
-const EPOLL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 const EPOLL_SCAN_MAX: usize = 4096;
 
 impl EpollCache {
     /// The registrations of the server's socket `fd` (whose copy is `socket`); `None` when they
     /// cannot be known.
     fn watchers(&mut self, tid: i32, fd: RawFd, ino: u64) -> Option<Vec<Watcher>> {
-        let now = std::time::Instant::now();
-        if let Some((epolls, scanned)) = self.known.get(&tid) {
+        if let Some(epolls) = self.known.get(&tid) {
             let found = registrations(tid, epolls, fd, ino);
-            if !found.is_empty() || now.duration_since(*scanned) < EPOLL_RESCAN {
+            if !found.is_empty() {
                 return Some(found);
             }
         }
@@ -1415,7 +1412,7 @@ impl EpollCache {
         if self.known.len() > 256 {
             self.known.clear();
         }
-        self.known.insert(tid, (epolls, now));
+        self.known.insert(tid, epolls);
         Some(found)
     }
 

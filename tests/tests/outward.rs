@@ -1434,7 +1434,7 @@ fn dns_without_a_nameserver_is_a_usage_error() {
 // The connect handoff
 // ---------------------------------------------------------------------------------------------
 
-/// Connects to 127.0.0.1:PORT (argv) the way an event loop does (nginx's ngx_event_connect_peer):
+/// Connects to 127.0.0.1:PORT (argv) once, then the way an event loop does (nginx's ngx_event_connect_peer):
 /// a non-blocking socket registered with epoll for EPOLLOUT, edge-triggered, before connect(); then
 /// waits for epoll to say it is writable, sends a request, reads the answer. Prints "same" or "host"
 /// (whether the connected socket belongs to the network namespace of a new socket made here:
@@ -1444,6 +1444,9 @@ import errno, select, socket, sys
 SO_NETNS_COOKIE = 71
 port = int(sys.argv[1])
 cookie = lambda s: s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+# A blocking connect first: lowport then knows this process, and must still find the epoll
+# instance made after it.
+socket.create_connection(("127.0.0.1", port)).close()
 s = socket.socket()
 s.setblocking(False)
 ep = select.epoll()

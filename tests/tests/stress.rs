@@ -1285,3 +1285,134 @@ for i in range({CYCLES}):
     checks.done();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A client that connects to a host service 3000 times, through the connect handoff (`--host-loopback`):
+/// every connect is handed a host socket, lowport's descriptors and memory stay flat, and nothing is
+/// left behind. Half the connects are blocking, half are made the way event loops make them
+/// (non-blocking, registered with epoll before connecting), so the epoll re-registration is loaded too.
+#[test]
+#[ignore = "stress: run by make stress"]
+fn three_thousand_connects_to_a_host_service() {
+    const CONNECTS: usize = 3000;
+    const WARMUP: usize = 200;
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in service.incoming() {
+            if let Ok(mut c) = conn {
+                let _ = c.write_all(b"host\n");
+            }
+        }
+    });
+    // The client writes its progress here, as the uid lowport runs as.
+    let uid = caller_uid();
+    let gid = if is_root() {
+        NOBODY
+    } else {
+        nix::unistd::getgid().as_raw()
+    };
+    let dir = TempDir::new("stress-connects", Some((uid, gid)));
+    let progress = dir.path().join("progress").display().to_string();
+    let script = dir.write(
+        "connects.py",
+        &format!(
+            r#"
+import os, select, socket, sys, time
+SO_NETNS_COOKIE = 71
+port, total, warmup, progress = {port}, {CONNECTS}, {WARMUP}, "{progress}"
+own = socket.socket().getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+def note(text):
+    with open(progress + ".tmp", "w") as f: f.write(text)
+    os.rename(progress + ".tmp", progress)
+handed = answered = 0
+started = None
+for i in range(total):
+    if i == warmup:
+        note("warm"); time.sleep(1); started = time.monotonic()
+    s = socket.socket()
+    if i % 2:
+        s.setblocking(False)
+        ep = select.epoll()
+        ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLET)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        if not ep.poll(5): break
+        ep.close()
+        s.setblocking(True)
+    else:
+        s.connect(("127.0.0.1", port))
+    handed += s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8) != own
+    answered += s.makefile("rb").readline() == b"host\n"
+    s.close()
+took = time.monotonic() - started
+note(f"done {{handed}} {{answered}} {{(total - warmup) / took:.0f}}")
+time.sleep(3)
+"#
+        ),
+    );
+    let mut cmd = lowport();
+    cmd.args([
+        "run",
+        "--host-loopback",
+        &port.to_string(),
+        "--ready-fd",
+        "3",
+        "--",
+    ])
+    .args(["/usr/bin/python3", script.to_str().unwrap()]);
+    let mut launch = Launch::start(cmd);
+    let log = StderrLog::take(&mut launch);
+    let pid = launch.child.id();
+    let mut checks = Checks::new("three_thousand_connects_to_a_host_service", &log);
+    let read = || fs::read_to_string(&progress).unwrap_or_default();
+    let warm = eventually("the client's warm-up", || (read() == "warm").then_some(()));
+    let _ = warm;
+    let fds_before = settled_fds(pid);
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut done = String::new();
+    while Instant::now() < deadline {
+        done = read();
+        if done.starts_with("done") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fds_after = settled_fds(pid);
+    let rss_after = rss_kib(pid).unwrap_or(0);
+    let figures: Vec<&str> = done.split_whitespace().collect();
+    let status = wait_with_deadline(&mut launch.child, PATIENCE);
+    report(
+        "three_thousand_connects_to_a_host_service",
+        &[
+            ("connects", CONNECTS.to_string()),
+            ("handed", figures.get(1).unwrap_or(&"?").to_string()),
+            ("answered", figures.get(2).unwrap_or(&"?").to_string()),
+            ("connects_per_s", figures.get(3).unwrap_or(&"?").to_string()),
+            ("lowport_fds", format!("{fds_before}->{fds_after}")),
+            (
+                "lowport_rss",
+                format!("{}->{}", mib(rss_before), mib(rss_after)),
+            ),
+        ],
+    );
+    let all = CONNECTS.to_string();
+    checks.check(figures.get(1) == Some(&all.as_str()), || {
+        format!("not every connect was handed a host socket: {done}")
+    });
+    checks.check(figures.get(2) == Some(&all.as_str()), || {
+        format!("not every connect reached the host service: {done}")
+    });
+    checks.check(fds_after <= fds_before, || {
+        format!("lowport's descriptors grew from {fds_before} to {fds_after}")
+    });
+    checks.check(rss_after <= rss_before + 1024, || {
+        format!("lowport's memory grew from {rss_before} KiB to {rss_after} KiB")
+    });
+    checks.check(status.map(exit_code) == Some(0), || {
+        format!("lowport exited with {status:?}")
+    });
+    checks.done();
+}
