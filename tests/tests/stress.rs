@@ -1298,10 +1298,8 @@ fn three_thousand_connects_to_a_host_service() {
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = service.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for conn in service.incoming() {
-            if let Ok(mut c) = conn {
-                let _ = c.write_all(b"host\n");
-            }
+        for mut conn in service.incoming().flatten() {
+            let _ = conn.write_all(b"host\n");
         }
     });
     // The client writes its progress here, as the uid lowport runs as.
@@ -1367,8 +1365,7 @@ time.sleep(3)
     let pid = launch.child.id();
     let mut checks = Checks::new("three_thousand_connects_to_a_host_service", &log);
     let read = || fs::read_to_string(&progress).unwrap_or_default();
-    let warm = eventually("the client's warm-up", || (read() == "warm").then_some(()));
-    let _ = warm;
+    eventually("the client's warm-up", || (read() == "warm").then_some(()));
     let fds_before = settled_fds(pid);
     let rss_before = rss_kib(pid).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(120);
