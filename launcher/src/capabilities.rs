@@ -37,17 +37,19 @@ pub fn drop_bounding() -> Result<(), CapsError> {
 /// Empties the ambient, inheritable, effective and permitted sets: once the permitted set is empty no
 /// capability can come back short of an exec.
 pub fn drop_all() -> Result<(), CapsError> {
-    drop_all_except(None)
+    drop_all_except(&[])
 }
 
-/// Like [`drop_all`], but keeps `keep` in the effective and permitted sets if the process holds it.
+/// Like [`drop_all`], but keeps each of `keep` in the effective and permitted sets if the process
+/// holds it.
 ///
 /// A caller that is uid 0 needs CAP_SETFCAP when it creates its user namespace: since Linux 5.12 the
 /// kernel lets a namespace map the parent's uid 0 only if its creator held that capability.
-pub fn drop_all_except(keep: Option<Capability>) -> Result<(), CapsError> {
+pub fn drop_all_except(keep: &[Capability]) -> Result<(), CapsError> {
     let kept: caps::CapsHashSet = keep
+        .iter()
+        .copied()
         .filter(|cap| caps::has_cap(None, CapSet::Permitted, *cap).unwrap_or(false))
-        .into_iter()
         .collect();
     for (set, name) in [
         (CapSet::Ambient, "ambient"),

@@ -484,7 +484,13 @@ impl Handoff {
 
     /// As [`Handoff::copy_socket`], with the socket's inode, read from the same link.
     fn copy_socket_with_inode(&mut self, tid: i32, fd: RawFd) -> Option<(OwnedFd, u64)> {
-        let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).ok()?;
+        let link = match std::fs::read_link(format!("/proc/{tid}/fd/{fd}")) {
+            Ok(link) => link,
+            Err(err) => {
+                tracing::trace!(tid, fd, ?err, "cannot read the descriptor's link");
+                return None;
+            }
+        };
         let ino = link
             .to_str()?
             .strip_prefix("socket:[")?

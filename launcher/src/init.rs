@@ -356,7 +356,7 @@ fn helper_main(
     // cannot take it over to use the capability (ptrace and /proc/PID/mem need CAP_SYS_PTRACE in the
     // user namespace the launcher was exec'd in, the host's).
     let _ = crate::capabilities::drop_bounding().and_then(|()| {
-        crate::capabilities::drop_all_except(Some(crate::capabilities::Capability::CAP_KILL))
+        crate::capabilities::drop_all_except(&[crate::capabilities::Capability::CAP_KILL])
     });
 
     // A signal the terminal generated (SI_KERNEL: Ctrl-C, a resize) reached this helper because it is

@@ -256,7 +256,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         handing = false;
     }
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
-    capabilities::drop_all_except(creator_keeps)?;
+    capabilities::drop_all_except(creator_keeps.as_slice())?;
 
     // 3. Signals stay pending until the runtime reads them from a signalfd.
     let mut forwarded = SigSet::empty();
@@ -453,7 +453,12 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // CAP_SYS_PTRACE in the namespace lowport made: it reads the server's bind arguments and socket.
     capabilities::drop_bounding()?;
     if let (Some(listener), Some(factory)) = (listener, handoff_channel) {
-        capabilities::drop_all_except(Some(capabilities::Capability::CAP_SYS_PTRACE))?;
+        // CAP_DAC_READ_SEARCH too: a server process that switched to another uid inside and made
+        // itself dumpable again (nginx's workers do) owns its /proc/PID/fd and fdinfo, mode 0500.
+        capabilities::drop_all_except(&[
+            capabilities::Capability::CAP_SYS_PTRACE,
+            capabilities::Capability::CAP_DAC_READ_SEARCH,
+        ])?;
         let handoff = handoff::Handoff::new(listener, ports, factory, connect_routes)
             .map_err(LaunchError::io("start the handoff"))?;
         std::thread::Builder::new()

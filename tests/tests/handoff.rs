@@ -563,6 +563,139 @@ fn nginx_with_www_data_workers_under_subids_serves_on_the_host_sockets() {
     );
 }
 
+/// An app on the host's loopback that answers each request after `DELAY` seconds (argv: DELAY);
+/// prints its port.
+const SLOW_APP: &str = r#"
+import socket, sys, threading, time
+delay = float(sys.argv[1])
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    c.recv(65536)
+    time.sleep(delay)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nslow app\n")
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// nginx's workers, as www-data (another uid inside, and dumpable again: nginx makes them so), proxy to
+/// an app on the host's loopback through `--host-loopback`: while a request is in flight, the
+/// connection to the app belongs to a worker, not to lowport (the connect was handed a host socket).
+#[test]
+fn nginx_workers_as_www_data_connect_to_a_host_service_directly() {
+    if !require(nginx_bin().is_some(), "nginx (package nginx-light)") {
+        return;
+    }
+    let Some((uid, gid)) = subid_user() else {
+        return;
+    };
+    if !require(
+        nix::unistd::User::from_name("www-data")
+            .ok()
+            .flatten()
+            .is_some(),
+        "the www-data user",
+    ) {
+        return;
+    }
+    let app_dir = TempDir::new("slow-app", None);
+    let app_script = app_dir.write("app.py", SLOW_APP);
+    let mut app = KillOnDrop(
+        Command::new(PYTHON)
+            .args(["-u", app_script.to_str().unwrap(), "1.5"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(app.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let app_port: u16 = line.trim().parse().unwrap();
+    let dir = nginx_dir(
+        "nginx-upstream",
+        (uid, gid),
+        "www-data www-data",
+        &format!("location /app/ {{ proxy_pass http://127.0.0.1:{app_port}/; }}"),
+    );
+    let server = Server::start(lowport_run(
+        Some((uid, gid)),
+        &[
+            "--userns",
+            "subids",
+            "-p",
+            "127.0.0.1:0:80",
+            "--host-loopback",
+            &app_port.to_string(),
+        ],
+        &nginx_command(&dir),
+    ));
+    let addr: SocketAddr = ([127, 0, 0, 1], server.port()).into();
+    eventually("nginx to serve", || {
+        http(addr, "GET", "/", b"").ok().filter(|(s, _)| *s == 200)
+    });
+    let request = std::thread::spawn(move || http(addr, "GET", "/app/", b""));
+    let deadline = Instant::now() + PATIENCE;
+    let holders = loop {
+        let conns = ss(&[
+            "-t",
+            "-4",
+            "state",
+            "established",
+            &format!("dport = :{app_port}"),
+        ]);
+        let pids: HashSet<u32> = conns.iter().flat_map(|e| e.pids()).collect();
+        if !pids.is_empty() {
+            break pids;
+        }
+        if request.is_finished() || Instant::now() > deadline {
+            panic!(
+                "no connection to the app seen; the request gave {:?}\n{}",
+                request
+                    .join()
+                    .unwrap()
+                    .map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned())),
+                server.context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let lowport_pid = server.launch.child.id();
+    assert!(
+        !holders.contains(&lowport_pid),
+        "lowport holds the connection to the app (relayed, not handed): {holders:?}\n{}",
+        server.context()
+    );
+    assert!(
+        holders
+            .iter()
+            .all(|p| proc_status_field(*p, "Name").is_some_and(|n| n.contains("nginx"))),
+        "the connection to the app should be an nginx worker's: {holders:?}"
+    );
+    let (status, body) = request.join().unwrap().unwrap();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (200, "slow app\n"),
+        "{}",
+        server.context()
+    );
+    drop(app);
+}
+
+/// A child process killed and reaped when dropped, a failing test included.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Python's http.server
 // ---------------------------------------------------------------------------------------------

@@ -88,8 +88,10 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
             );
         }
     }
-    // Of lowport's threads, only the handoff thread and its memory reader keep a capability:
-    // CAP_SYS_PTRACE (bit 19), in lowport's own user namespace, to read the server's bind.
+    // Of lowport's threads, only the handoff thread and its memory reader keep capabilities, in
+    // lowport's own user namespace: CAP_SYS_PTRACE (bit 19), to read the server's binds and connects
+    // and copy its sockets, and CAP_DAC_READ_SEARCH (bit 2), to read /proc/PID/fd of a server
+    // process that runs as another uid inside.
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -104,7 +106,7 @@ fn lowport_on_the_host_is_the_caller_without_capabilities() {
                 .to_owned()
         };
         let want = if ["lowport-handoff", "lowport-reader"].contains(&field("Name:").as_str()) {
-            "0000000000080000"
+            "0000000000080004"
         } else {
             "0000000000000000"
         };
