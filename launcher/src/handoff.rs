@@ -176,6 +176,56 @@ struct Asked {
     addr: SocketAddr,
 }
 
+/// What a `connect` asked for, as lowport read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Inet(SocketAddr),
+    /// AF_UNSPEC: disconnect.
+    Unspec,
+    /// Another family, or an address lowport could not read.
+    Unknown,
+}
+
+/// The answer to a `connect` on a host socket the command holds, never let through (the kernel would
+/// read the address again, and the command may have changed it). lowport makes the call itself, on
+/// its copy (the same socket), with the address it read: AF_UNSPEC, which disconnects, and a connect
+/// to a `mirrored` address (a connect handed over, checked again or made again). Any other connect
+/// gets what the kernel says to a socket connected or connecting, and EPERM where it would connect.
+fn host_connect(tid: i32, server: &OwnedFd, peer: Peer, mirrored: bool) -> Answer {
+    let errno = |result: io::Result<()>| match result {
+        Ok(()) => 0,
+        Err(err) => err.raw_os_error().unwrap_or(libc::EINVAL),
+    };
+    if peer == Peer::Unspec {
+        return Answer::Return(errno(sys::disconnect(server.as_fd())));
+    }
+    let state = sys::tcp_state(server.as_fd());
+    let blocking = nix::fcntl::fcntl(server.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .is_ok_and(|flags| flags & libc::O_NONBLOCK == 0);
+    if let (Peer::Inet(addr), true) = (peer, mirrored) {
+        // A blocking connect on a socket still connecting would wait here: what a non-blocking one
+        // hears instead.
+        if !(blocking && matches!(state, Ok(sys::TCP_SYN_SENT))) {
+            let storage = nix::sys::socket::SockaddrStorage::from(addr);
+            return Answer::Return(errno(
+                nix::sys::socket::connect(server.as_raw_fd(), &storage).map_err(io::Error::from),
+            ));
+        }
+    }
+    match state {
+        Ok(sys::TCP_SYN_SENT) => Answer::Return(libc::EALREADY),
+        Ok(state) if state != sys::TCP_CLOSE => Answer::Return(libc::EISCONN),
+        _ => {
+            warn!(
+                tid,
+                ?peer,
+                "the command tried to connect a host socket lowport handed over; refused (EPERM)"
+            );
+            Answer::Return(libc::EPERM)
+        }
+    }
+}
+
 /// Parses a `struct sockaddr_in` or `sockaddr_in6` of `len` bytes; `None` for anything else.
 fn parse_sockaddr(bytes: &[u8], len: usize) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes(bytes.get(..2)?.try_into().ok()?);
@@ -185,7 +235,8 @@ fn parse_sockaddr(bytes: &[u8], len: usize) -> Option<SocketAddr> {
             let ip: [u8; 4] = bytes.get(4..8)?.try_into().ok()?;
             Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
         }
-        libc::AF_INET6 if len >= 28 => {
+        // The kernel takes a sockaddr_in6 without its scope id (SIN6_LEN_RFC2133, 24 bytes).
+        libc::AF_INET6 if len >= 24 => {
             let ip: [u8; 16] = bytes.get(8..24)?.try_into().ok()?;
             Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port))
         }
@@ -387,6 +438,15 @@ impl Handoff {
         if notif.nr != sys::NATIVE_BIND.1 {
             return Answer::Continue;
         }
+        // A bind lowport does not take over runs inside; never one on a host socket (whatever the
+        // address, and whether or not lowport could read it: the kernel reads it again).
+        match self.answer_bind(notif) {
+            Answer::Continue => self.inner_only(notif.tid as i32, notif.args[0] as i32, "bind"),
+            other => other,
+        }
+    }
+
+    fn answer_bind(&mut self, notif: &sys::Notification) -> Answer {
         let tid = notif.tid as i32;
         let len = (notif.args[2] as u32) as usize;
         let mut bytes = [0u8; 28];
@@ -413,7 +473,7 @@ impl Handoff {
         if !asked.addr.ip().is_unspecified()
             || !self.ports.iter().any(|p| p.spec.port == asked.addr.port())
         {
-            return self.inner_only(tid, asked.fd, "bind");
+            return Answer::Continue;
         }
         // A process of a namespace of its own (a nested lowport, a container) binds there.
         match std::fs::metadata(format!("/proc/{tid}/ns/net")) {
@@ -428,28 +488,34 @@ impl Handoff {
         self.hand_over(notif, tid, asked, socket)
     }
 
-    /// Reads the address a `connect` (or a send with MSG_FASTOPEN) was called with.
+    /// Reads the address a `connect` was called with.
     fn read_addr(
         &mut self,
         notif: &sys::Notification,
         ptr: u64,
         len: usize,
-    ) -> Result<Option<SocketAddr>, Answer> {
+    ) -> Result<Peer, Answer> {
         let mut bytes = [0u8; 28];
         let want = len.min(bytes.len());
-        let addr = match self.reader.read(notif.tid as i32, ptr, &mut bytes[..want]) {
-            Ok(n) => parse_sockaddr(&bytes[..n], len),
+        let peer = match self.reader.read(notif.tid as i32, ptr, &mut bytes[..want]) {
+            Ok(n) => match parse_sockaddr(&bytes[..n], len) {
+                Some(addr) => Peer::Inet(addr),
+                None if n >= 2 && bytes[..2] == (libc::AF_UNSPEC as u16).to_ne_bytes() => {
+                    Peer::Unspec
+                }
+                None => Peer::Unknown,
+            },
             Err(err) => {
                 if err.kind() != io::ErrorKind::TimedOut {
                     self.cannot_inspect(&err);
                 }
-                None
+                Peer::Unknown
             }
         };
         if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
             return Err(Answer::Gone);
         }
-        Ok(addr)
+        Ok(peer)
     }
 
     /// A copy of the server's descriptor `fd` when it is a socket; `None` otherwise.
@@ -554,24 +620,24 @@ impl Handoff {
         let tid = notif.tid as i32;
         let fd = notif.args[0] as i32;
         let len = (notif.args[2] as u32) as usize;
-        let addr = match self.read_addr(notif, notif.args[1], len) {
-            Ok(Some(addr)) => addr,
-            // AF_UNSPEC (which disconnects), AF_UNIX and others: nothing to take over, nothing out.
-            Ok(None) => return Answer::Continue,
+        let peer = match self.read_addr(notif, notif.args[1], len) {
+            Ok(peer) => peer,
             Err(answer) => return answer,
         };
-        let mirrored = self.routes.contains(&crate::forward::unmapped(addr));
         let Some((server, ino)) = self.copy_socket_with_inode(tid, fd) else {
             return Answer::Continue;
         };
         let cookie = sys::netns_cookie(server.as_fd()).ok();
         if cookie.is_some() && cookie == self.host_cookie {
-            if mirrored {
-                return Answer::Continue;
-            }
-            warn!(tid, %addr, "the command tried to connect a host socket lowport handed over; refused (EPERM)");
-            return Answer::Return(libc::EPERM);
+            let mirrored = matches!(peer, Peer::Inet(addr) if self.routes.contains(&crate::forward::unmapped(addr)));
+            return host_connect(tid, &server, peer, mirrored);
         }
+        // AF_UNSPEC (which disconnects), AF_UNIX and others on an inner socket: nothing to take over,
+        // nothing out.
+        let Peer::Inet(addr) = peer else {
+            return Answer::Continue;
+        };
+        let mirrored = self.routes.contains(&crate::forward::unmapped(addr));
         // Only a socket of lowport's own namespace: one of a nested namespace (a nested lowport, a
         // container) connects there.
         if !mirrored || cookie.is_none() || cookie != self.inner_cookie {
@@ -1314,6 +1380,11 @@ mod tests {
         v6[2..4].copy_from_slice(&443u16.to_be_bytes());
         assert_eq!(parse_sockaddr(&v6, 28), Some("[::]:443".parse().unwrap()));
         assert_eq!(parse_sockaddr(&v6[..16], 16), None);
+        // Without the scope id, as the kernel takes it too.
+        assert_eq!(
+            parse_sockaddr(&v6[..24], 24),
+            Some("[::]:443".parse().unwrap())
+        );
         let mut unix = [0u8; 28];
         unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
         assert_eq!(parse_sockaddr(&unix, 28), None);

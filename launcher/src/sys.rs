@@ -933,6 +933,36 @@ pub fn epoll_add_as(
     result
 }
 
+/// `connect(AF_UNSPEC)`: disconnects a socket (a TCP listener or connection goes back to the closed
+/// state, keeping the port it was bound to).
+pub fn disconnect(fd: std::os::fd::BorrowedFd) -> io::Result<()> {
+    // SAFETY: sockaddr is plain old data; all zeroes is AF_UNSPEC.
+    let addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    // SAFETY: connect reads `addr`, a valid sockaddr of the length given, that outlives the call.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `tcpi_state` of TCP_INFO: where a TCP socket is in its state machine.
+pub const TCP_SYN_SENT: u8 = 2;
+pub const TCP_CLOSE: u8 = 7;
+
+/// The TCP state of a socket (the first byte of its TCP_INFO, which the kernel cuts to the length
+/// asked for).
+pub fn tcp_state(fd: std::os::fd::BorrowedFd) -> io::Result<u8> {
+    let info = get_int_option(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.to_ne_bytes()[0])
+}
+
 /// Sets or clears O_NONBLOCK on a socket with one call (FIONBIO).
 pub fn set_nonblocking_flag(fd: std::os::fd::BorrowedFd, on: bool) -> io::Result<()> {
     let mut value: libc::c_int = on.into();

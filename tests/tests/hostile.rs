@@ -1358,6 +1358,43 @@ fn a_rewritten_address_never_takes_a_connect_elsewhere_on_the_host() {
     assert!(!out.contains("reached allowed 0 times"), "{out}");
 }
 
+/// A connect lowport handed over, checked again as event loops do (connect() once more on the same
+/// socket), gets what the kernel says without lowport: lowport makes the call itself on the host
+/// socket, with the address it read, and lets none through.
+#[test]
+fn a_handed_connect_checked_again_behaves_as_without_lowport() {
+    if !require(Path::new(PYTHON).exists(), "/usr/bin/python3") {
+        return;
+    }
+    let allowed = host_service("allowed", false);
+    let script = format!(
+        "import errno, select, socket\n\
+         name = lambda r: errno.errorcode.get(r, str(r))\n\
+         s = socket.socket(); s.setblocking(False)\n\
+         print('connect', name(s.connect_ex(('127.0.0.1', {allowed}))))\n\
+         select.select([], [s], [], 5)\n\
+         print('again', name(s.connect_ex(('127.0.0.1', {allowed}))))\n\
+         print('and again', name(s.connect_ex(('127.0.0.1', {allowed}))))\n\
+         s.setblocking(True); print('read', s.recv(64).decode().strip())\n"
+    );
+    let mut cmd = lowport();
+    cmd.args(["run", "--host-loopback", &allowed.to_string(), "--"])
+        .args([PYTHON, "-c", &script]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The kernel: 0 or EINPROGRESS, then 0 once (the connect completed), then EISCONN.
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        matches!(lines.first(), Some(&"connect 0" | &"connect EINPROGRESS")),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        lines.get(1..),
+        Some(&["again 0", "and again EISCONN", "read allowed"][..]),
+        "{out}\n{err}"
+    );
+}
+
 /// The same race on a handed listener turned back into a plain socket: its connect to the allowed
 /// address must not become one to another host service.
 #[test]
