@@ -307,6 +307,8 @@ pub struct Handoff {
     inner_cookie: Option<u64>,
     /// The epoll instances of each server process, for re-registering a replaced socket.
     epolls: EpollCache,
+    /// Where a host socket is registered in a server's epoll instance (started by `run`).
+    registrar: Option<Registrar>,
     /// The namespace's ephemeral port range, and the last port used in it (an offset), for the
     /// source ports of connects to host services.
     ephemeral: (u16, u16),
@@ -362,6 +364,7 @@ impl Handoff {
                 .and_then(|s| sys::netns_cookie(s.as_fd()))
                 .ok(),
             epolls: EpollCache::default(),
+            registrar: None,
             ephemeral: ephemeral_range(),
             next_port: std::process::id() % 1000,
         })
@@ -369,15 +372,18 @@ impl Handoff {
 
     /// Answers notifications until no process runs under the filter any more.
     pub fn run(mut self) {
-        // A descriptor table of this thread's own, where a host socket can be put at the number the
-        // server knows it by (see `EpollCache`); without one, connects are relayed.
+        // A thread with a descriptor table of its own, where a host socket can be put at the number
+        // the server knows it by (see `EpollCache`); without one, connects are relayed.
         if !self.routes.is_empty() {
-            if let Err(err) = sys::unshare_files() {
-                debug!(
-                    ?err,
-                    "no descriptor table of the handoff's own; host services are relayed"
-                );
-                self.routes.clear();
+            match Registrar::start() {
+                Ok(registrar) => self.registrar = Some(registrar),
+                Err(err) => {
+                    debug!(
+                        ?err,
+                        "no thread with a descriptor table of its own; host services are relayed"
+                    );
+                    self.routes.clear();
+                }
             }
         }
         loop {
@@ -769,9 +775,12 @@ impl Handoff {
         if !nonblocking && sys::set_nonblocking_flag(host.as_fd(), false).is_err() {
             return Answer::Continue;
         }
+        let Some(registrar) = &self.registrar else {
+            return Answer::Continue;
+        };
         for w in &watchers {
             let registered = self.epolls.copy(tid, w.epoll).and_then(|epoll| {
-                sys::epoll_add_as(epoll.as_fd(), host.as_fd(), fd, w.events, w.data)
+                registrar.register(epoll.as_fd(), host.as_fd(), fd, w.events, w.data)
             });
             if let Err(err) = registered {
                 // The registrations made so far go with `host`, which no one else holds.
@@ -1447,6 +1456,124 @@ mod tests {
             targets(&ports, tcp, "[::]:80".parse().unwrap(), false),
             Some(vec![2])
         );
+    }
+}
+
+/// A thread with a descriptor table of its own, which holds nothing of lowport's, and registers host
+/// sockets in a server's epoll instances under the server's descriptor numbers
+/// ([`sys::epoll_add_as`]).
+///
+/// The table cannot be the handoff thread's: a table of its own starts as a copy of lowport's, and
+/// the handoff thread's copies of the published host sockets would keep them open after the relay
+/// let go of them or the server closed them (still listening, with nobody accepting, and the port
+/// taken); and tokio's runtime, which the handoff thread wakes when it stops a relay, is woken
+/// through a descriptor number of lowport's table.
+struct Registrar {
+    sock: OwnedFd,
+}
+
+/// A request to the registrar: the descriptor number, events and data, with the epoll instance and
+/// the socket as SCM_RIGHTS.
+const REGISTRAR_REQUEST: usize = 16;
+
+impl Registrar {
+    fn start() -> io::Result<Registrar> {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?;
+        let moved = theirs.as_raw_fd();
+        let (ready, started) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("lowport-epoll".into())
+            .spawn(move || registrar_main(theirs, ready))?;
+        started
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the epoll registrar ended")))?;
+        // SAFETY: `theirs` moved to the registrar, whose descriptor table is its own now (it has
+        // just said so): this table's number for it is a copy nothing owns.
+        unsafe { sys::close_moved(&[moved]) };
+        Ok(Registrar { sock: ours })
+    }
+
+    /// [`sys::epoll_add_as`], in the registrar's table.
+    fn register(
+        &self,
+        epoll: std::os::fd::BorrowedFd,
+        target: std::os::fd::BorrowedFd,
+        number: RawFd,
+        events: u32,
+        data: u64,
+    ) -> io::Result<()> {
+        let mut request = [0u8; REGISTRAR_REQUEST];
+        request[..4].copy_from_slice(&number.to_ne_bytes());
+        request[4..8].copy_from_slice(&events.to_ne_bytes());
+        request[8..].copy_from_slice(&data.to_ne_bytes());
+        sys::send_with_fds(self.sock.as_raw_fd(), &request, &[epoll, target])?;
+        let mut answer = [0u8; 4];
+        match sys::recv_with_fds(self.sock.as_fd(), &mut answer)? {
+            (4, _) => match i32::from_ne_bytes(answer) {
+                0 => Ok(()),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            },
+            _ => Err(io::Error::other("the epoll registrar ended")),
+        }
+    }
+}
+
+/// The registrar's thread: a descriptor table of its own with nothing in it but `sock` (and 0 to 2),
+/// then one registration per request until the handoff closes its end.
+fn registrar_main(sock: OwnedFd, ready: std::sync::mpsc::Sender<io::Result<()>>) {
+    let set_up = sys::unshare_files().and_then(|()| {
+        // SAFETY: the table is this thread's own since the unshare; this thread owns nothing in it
+        // but `sock`.
+        unsafe { sys::close_copies_except(&[sock.as_raw_fd()]) }
+    });
+    let failed = set_up.is_err();
+    let _ = ready.send(set_up);
+    if failed {
+        return;
+    }
+    // Out of the way of the low numbers servers use, which must be free for `epoll_add_as`.
+    let sock = sys::dup_at_least(sock.as_raw_fd(), 512).unwrap_or(sock);
+    loop {
+        let mut request = [0u8; REGISTRAR_REQUEST];
+        let (n, fds) = match sys::recv_with_fds(sock.as_fd(), &mut request) {
+            Ok(got) => got,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(_) => return,
+        };
+        if n != REGISTRAR_REQUEST {
+            return;
+        }
+        let field = |at: usize, len: usize| &request[at..at + len];
+        let number = RawFd::from_ne_bytes(field(0, 4).try_into().expect("4 bytes"));
+        let events = u32::from_ne_bytes(field(4, 4).try_into().expect("4 bytes"));
+        let data = u64::from_ne_bytes(field(8, 8).try_into().expect("8 bytes"));
+        // Received descriptors take the lowest free numbers, maybe `number`: moved above it.
+        let away = |fd: OwnedFd| -> io::Result<OwnedFd> {
+            if fd.as_raw_fd() == number {
+                sys::dup_at_least(number, number.saturating_add(1))
+            } else {
+                Ok(fd)
+            }
+        };
+        let result = match <[OwnedFd; 2]>::try_from(fds) {
+            Ok([epoll, target]) => away(epoll).and_then(|epoll| {
+                let target = away(target)?;
+                sys::epoll_add_as(epoll.as_fd(), target.as_fd(), number, events, data)
+            }),
+            Err(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        let errno = match result {
+            Ok(()) => 0,
+            Err(err) => err.raw_os_error().unwrap_or(libc::EINVAL),
+        };
+        if sys::send_with_fds(sock.as_raw_fd(), &errno.to_ne_bytes(), &[]).is_err() {
+            return;
+        }
     }
 }
 

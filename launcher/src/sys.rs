@@ -870,6 +870,53 @@ pub fn unshare_files() -> io::Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES).map_err(io::Error::from)
 }
 
+/// In a thread whose descriptor table is its own ([`unshare_files`]), closes every descriptor of that
+/// table but 0 to 2 and `keep`: the copies that unsharing made of the rest of the process's
+/// descriptors, which would keep their files open.
+///
+/// # Safety
+///
+/// The calling thread's table must be its own, and nothing the thread runs may own or use a
+/// descriptor of it other than 0 to 2 and `keep`.
+pub unsafe fn close_copies_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first = 3u32;
+    for next in keep.into_iter().map(Some).chain([None]) {
+        let last = next.map_or(Some(u32::MAX), |fd| fd.checked_sub(1));
+        if let Some(last) = last.filter(|&last| last >= first) {
+            // SAFETY: close_range closes numbers of the calling thread's table, which the caller
+            // guarantees is its own and holds nothing owned in that range.
+            if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(fd) = next {
+            first = fd.saturating_add(1);
+        }
+    }
+    Ok(())
+}
+
+/// Closes this table's numbers of descriptors whose owners moved to a thread that has since made its
+/// descriptor table its own ([`unshare_files`]), where they own their copies.
+///
+/// # Safety
+///
+/// Nothing in the calling thread's table may own or use `fds` any more: their owners live in the
+/// other thread, and refer to that thread's table.
+pub unsafe fn close_moved(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: closing a number is memory safe; the caller guarantees nothing here owns it.
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// Registers `target` in the epoll instance `epoll` (a copy of the server's) under descriptor number
 /// `number`, with the server's `events` and `data`: the registration then is the one the server would
 /// have made with `epoll_ctl(ADD, number)`, so its later MOD and DEL calls find it. The calling
