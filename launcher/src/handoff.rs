@@ -805,8 +805,8 @@ impl Handoff {
         }
     }
 
-    /// Binds `host` to the wildcard address of `to`'s family and the next port of the namespace's
-    /// ephemeral range that is free.
+    /// Binds `host` to the source address for `to` (see [`source_ip`]) and the next port of the
+    /// namespace's ephemeral range that is free.
     fn bind_source_port(&mut self, host: &OwnedFd, to: SocketAddr) -> io::Result<()> {
         let (first, last) = self.ephemeral;
         let span = u32::from(last - first) + 1;
@@ -815,10 +815,7 @@ impl Handoff {
         for _ in 0..16 {
             self.next_port = (self.next_port + 1) % span;
             let port = first + self.next_port as u16;
-            let local = match to {
-                SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-                SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            };
+            let local = SocketAddr::new(source_ip(to.ip()), port);
             match nix::sys::socket::bind(
                 host.as_raw_fd(),
                 &nix::sys::socket::SockaddrStorage::from(local),
@@ -1440,6 +1437,24 @@ mod tests {
     }
 
     #[test]
+    fn connects_to_the_hosts_loopback_come_from_its_loopback() {
+        for (to, from) in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("127.0.0.53", "127.0.0.1"),
+            ("::1", "::1"),
+            ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+            ("10.0.0.1", "0.0.0.0"),
+            ("fd00::1", "::"),
+        ] {
+            assert_eq!(
+                source_ip(to.parse().unwrap()),
+                from.parse::<IpAddr>().unwrap(),
+                "{to}"
+            );
+        }
+    }
+
+    #[test]
     fn one_server_socket_never_takes_two_host_addresses() {
         let ports = [
             port("8080:80", "0.0.0.0:8080"),
@@ -1701,6 +1716,23 @@ fn parse_epoll_fdinfo(info: &str, fd: RawFd, ino: u64) -> Option<(u32, u64)> {
             .and_then(|h| u64::from_str_radix(h, 16).ok());
         (tfd == fd && line_ino.is_none_or(|i| i == ino)).then_some((events, data))
     })
+}
+
+/// The address a host socket connected to `to` is bound to: a loopback address for a service on the
+/// host's loopback (127.0.0.1, ::1, or ::ffff:127.0.0.1 for a mapped one), the wildcard otherwise.
+/// The command can turn the socket back into a plain one (connect(AF_UNSPEC)) and listen on it,
+/// at this address and the port lowport chose: on the loopback, no client from another machine
+/// reaches it.
+fn source_ip(to: IpAddr) -> IpAddr {
+    match to {
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(v6) if v6.is_loopback() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()) => {
+            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped())
+        }
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 /// `net.ipv4.ip_local_port_range`, or Linux's default.

@@ -1166,6 +1166,15 @@ int main(int argc, char **argv) {
         struct sockaddr_in to_allowed = loopback4(allowed);
         int s = socket(AF_INET, SOCK_STREAM, 0);
         if (TRY("connect to the allowed port", connect(s, (void *)&to_allowed, sizeof to_allowed)) == 0) banner(s);
+        /* Handed over, or relayed (the connect ran inside): the network namespace's cookie tells. */
+        unsigned long long mine = 0, inner = 1;
+        socklen_t clen = sizeof mine;
+        int other = socket(AF_INET, SOCK_STREAM, 0);
+        getsockopt(s, SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &mine, &clen);
+        clen = sizeof inner;
+        getsockopt(other, SOL_SOCKET, 71, &inner, &clen);
+        close(other);
+        printf("the socket is %s\n", mine == inner ? "an inner socket" : "a host socket");
         struct sockaddr unspec = {.sa_family = AF_UNSPEC};
         TRY("connect(AF_UNSPEC)", connect(s, &unspec, sizeof unspec));
         if (TRY("listen", listen(s, 8)) == 0) {
@@ -1567,6 +1576,33 @@ fn a_socket_connected_to_a_host_service_cannot_listen_on_the_host() {
         "a client on the host reached the command on host port {:?}: {out}\n{err}",
         reached
     );
+}
+
+/// The listener of [`a_socket_connected_to_a_host_service_cannot_listen_on_the_host`], where the
+/// command still gets one, is at least on the host's loopback only: lowport binds a socket it connects
+/// to a host loopback service to a loopback address, so that no other machine reaches the command.
+#[test]
+fn a_socket_connected_to_a_host_service_never_listens_on_every_host_address() {
+    let allowed = host_service("allowed", false);
+    let allowed_arg = allowed.to_string();
+    // A connect that takes longer than lowport waits for is relayed instead (under load): again.
+    for _ in 0..5 {
+        let Some(out) =
+            hostile_connect_run(&["--host-loopback", &allowed_arg], "listen", &[0, allowed])
+        else {
+            return;
+        };
+        assert!(out.contains("reached allowed"), "{out}");
+        if !out.contains("the socket is a host socket") {
+            continue;
+        }
+        assert!(
+            !out.contains("listening on 0.0.0.0:"),
+            "the command listens on every address of the host: {out}"
+        );
+        return;
+    }
+    panic!("the connect to the allowed port was relayed five times out of five");
 }
 
 /// With --host-loopback, lowport's handoff thread, which stops the relay of a port when the server
