@@ -526,36 +526,13 @@ impl Handoff {
 
     /// A copy of the server's descriptor `fd` when it is a socket; `None` otherwise.
     fn copy_socket(&mut self, tid: i32, fd: RawFd) -> Option<OwnedFd> {
-        let tgid = || {
-            std::fs::read_to_string(format!("/proc/{tid}/status"))
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))?
-                .trim()
-                .parse()
-                .ok()
-        };
-        // Only a socket is copied: closing a copy of some other file (one on a FUSE file system the
-        // server serves itself, say) could wait on the server for ever.
-        let is_socket = std::fs::read_link(format!("/proc/{tid}/fd/{fd}"))
-            .is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:["));
-        if !is_socket {
-            return None;
-        }
-        match sys::pidfd_open_thread(tid, tgid)
-            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd))
-        {
-            Ok(copy) => Some(copy),
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
-            Err(err) => {
-                self.cannot_inspect(&err);
-                None
-            }
-        }
+        self.copy_socket_with_inode(tid, fd).map(|(copy, _)| copy)
     }
 
     /// As [`Handoff::copy_socket`], with the socket's inode, read from the same link.
     fn copy_socket_with_inode(&mut self, tid: i32, fd: RawFd) -> Option<(OwnedFd, u64)> {
+        // Only a socket is copied: closing a copy of some other file (one on a FUSE file system the
+        // server serves itself, say) could wait on the server for ever.
         let link = match std::fs::read_link(format!("/proc/{tid}/fd/{fd}")) {
             Ok(link) => link,
             Err(err) => {
@@ -836,32 +813,9 @@ impl Handoff {
         tid: i32,
         fd: RawFd,
     ) -> Result<Option<(OwnedFd, ServerSocket)>, Early> {
-        let tgid = || {
-            std::fs::read_to_string(format!("/proc/{tid}/status"))
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))?
-                .trim()
-                .parse()
-                .ok()
-        };
-        // Only a socket is copied: closing a copy of some other file (one on a FUSE file system the
-        // server serves itself, say) could wait on the server for ever.
-        let is_socket = std::fs::read_link(format!("/proc/{tid}/fd/{fd}"))
-            .is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:["));
-        if !is_socket {
+        // Not a socket, or not a descriptor (EBADF): bind itself will say so.
+        let Some(copy) = self.copy_socket(tid, fd) else {
             return Ok(None);
-        }
-        let copy =
-            sys::pidfd_open_thread(tid, tgid).and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), fd));
-        let copy = match copy {
-            Ok(c) => c,
-            // EBADF: not a descriptor; bind itself will say so.
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Ok(None),
-            Err(err) => {
-                self.cannot_inspect(&err);
-                return Ok(None);
-            }
         };
         let int = |level, name| sys::get_int_option(copy.as_fd(), level, name);
         let (Ok(domain), Ok(kind), Ok(protocol)) = (

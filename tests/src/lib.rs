@@ -836,3 +836,48 @@ pub fn confine<'a>(
     }
     cmd
 }
+
+/// The first of `paths` that exists (a tool Debian may install in one of several places).
+pub fn tool(paths: &[&'static str]) -> Option<&'static str> {
+    paths.iter().copied().find(|p| Path::new(p).exists())
+}
+
+/// Whether this machine has IPv6 on its loopback.
+pub fn has_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Everything a process wrote on its stdout and stderr so far, read by threads as it comes.
+#[derive(Clone, Default)]
+pub struct Output(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Output {
+    pub fn feed(&self, r: impl Read + Send + 'static) {
+        let buf = self.0.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                buf.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds `needle`.
+    pub fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} in the output:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

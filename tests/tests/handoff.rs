@@ -15,7 +15,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lowport_tests::*;
@@ -26,49 +25,6 @@ const PYTHON: &str = "/usr/bin/python3";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn tool(paths: &[&'static str]) -> Option<&'static str> {
-    paths.iter().copied().find(|p| Path::new(p).exists())
-}
-
-fn has_ipv6() -> bool {
-    std::net::TcpListener::bind("[::1]:0").is_ok()
-}
-
-/// Everything a process wrote on its stdout and stderr so far, read by threads as it comes.
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<String>>);
-
-impl Output {
-    fn feed(&self, r: impl Read + Send + 'static) {
-        let buf = self.0.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(r);
-            let mut line = String::new();
-            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                buf.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits until the output holds `needle`.
-    fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        while !self.text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {needle:?} in the output:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// A lowport run whose command's stdout and lowport's (and the command's) stderr are collected.
 struct Server {

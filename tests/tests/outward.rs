@@ -24,12 +24,10 @@
 //! mounted over it in that mount namespace, mode 0666 or 0600 as the test needs), so the host's device
 //! keeps its mode and tests running in parallel never depend on each other's changes.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lowport_tests::*;
@@ -42,49 +40,6 @@ const GETENT: &str = "/usr/bin/getent";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn tool(paths: &[&'static str]) -> Option<&'static str> {
-    paths.iter().copied().find(|p| Path::new(p).exists())
-}
-
-fn has_ipv6() -> bool {
-    std::net::TcpListener::bind("[::1]:0").is_ok()
-}
-
-/// Everything a process wrote on its stdout and stderr so far, read by threads as it comes.
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<String>>);
-
-impl Output {
-    fn feed(&self, r: impl Read + Send + 'static) {
-        let buf = self.0.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(r);
-            let mut line = String::new();
-            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                buf.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits until the output holds `needle`.
-    fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        while !self.text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {needle:?} in the output:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 /// A process of the test's (a host service, a resolver, the peer's server), killed and reaped when
 /// the test ends, however it ends.
