@@ -224,7 +224,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     let limits = Limits::fit(
         nofile,
         reserved_fds(config.publish.len() * 2 + inherited, threads),
-        relaying.then_some(&config),
+        (relaying || !routes.is_empty()).then_some(&config),
     )?;
     debug!(?limits, nofile, "connection and flow limits");
 
@@ -540,7 +540,8 @@ async fn supervise(
         ))?;
         let shared = outward::Shared {
             host: Arc::new(host),
-            connections: Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1))),
+            // One bound for every relayed TCP connection, published ports' and host services'.
+            connections: tcp_limit.clone(),
             half_closed_timeout: config.half_closed_timeout,
             udp_timeout: config.udp_timeout,
         };
@@ -745,7 +746,15 @@ impl Limits {
         };
         let has = |p: crate::publish::Protocol| config.publish.iter().any(|s| s.protocol == p);
         let has_udp = has(crate::publish::Protocol::Udp);
-        let has_tcp = has(crate::publish::Protocol::Tcp);
+        // Connections to host services (--host-loopback, and --dns's TCP) are relayed too, in the
+        // same budget.
+        let has_tcp = has(crate::publish::Protocol::Tcp)
+            || config
+                .host_loopback
+                .iter()
+                .any(|h| h.protocol == crate::publish::Protocol::Tcp)
+            || config.dns
+            || config.net == Net::Pasta;
         let budget = nofile.saturating_sub(reserved);
         let udp_flows = match config.max_udp_flows {
             _ if !has_udp => 0,

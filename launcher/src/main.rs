@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run COMMAND in new user and network namespaces, with host ports published to it
     #[command(
-        after_long_help = "EXAMPLES:\n  lowport run -p 8080:80 -- nginx -g 'daemon off;'\n  lowport run -p 127.0.0.1:8080:80 -p 8443:443 -- ./server\n  lowport run -p 0:80 --ready-fd 3 -- python3 -m http.server 80 3>ready.json\n  lowport run -p 8080:80 --host-loopback 3000 -- nginx -g 'daemon off;'   # proxy_pass to an app on the host
+        after_long_help = "EXAMPLES:\n  lowport run -p 8080:80 -- nginx -g 'daemon off;'\n  lowport run -p 127.0.0.1:8080:80 -p 8443:443 -- ./server\n  lowport run -p 0:80 --ready-fd 3 -- python3 -m http.server 80 3>ready.json\n  lowport run -p 8080:80 --host-loopback 3000 -- nginx -g 'daemon off;'
   lowport run --net pasta -- curl https://example.org/
   lowport run -- bash            # a shell in which `id` says uid 0\n\nEXIT STATUS:\n  The command's own status, or 128+N when signal N killed it; 2 for bad usage; 125 when lowport\n  itself fails before the command runs; 126 when the command cannot run; 127 when it is not found."
     )]
@@ -59,8 +59,9 @@ struct RunArgs {
     port_start: u16,
 
     /// Once every host socket listens and the command has started, write one JSON line to this open
-    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port","mode"}]},
-    /// where mode is handoff, relay or activation
+    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port","mode"}],
+    /// "net", "host_loopback", "dns"}, where mode is handoff, relay or activation, and the last three
+    /// say what the command may reach outside
     #[arg(long, value_name = "FD")]
     ready_fd: Option<RawFd>,
 

@@ -148,7 +148,10 @@ fn explain(said: &str) -> String {
     } else {
         fatal.join("; ")
     };
-    let fix = if no_route || said.contains("No routable interface") {
+    let fix = if no_route
+        || said.contains("No routable interface")
+        || said.contains("External interface not usable")
+    {
         "; pasta copies the host's addresses and routes, and this host has no default route: connect the host to a network, or leave out --net pasta"
     } else {
         ""

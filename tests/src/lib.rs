@@ -881,3 +881,36 @@ impl Output {
         }
     }
 }
+
+/// A lowport run whose command's stdout and lowport's (and the command's) stderr are collected as
+/// they come.
+pub struct Watched {
+    pub launch: Launch,
+    pub out: Output,
+}
+
+impl Watched {
+    /// Starts `cmd` (a `lowport run ... --ready-fd 3` command) and waits for its ready line.
+    pub fn start(mut cmd: Command) -> Watched {
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut launch = Launch::start(cmd);
+        let out = Output::default();
+        out.feed(launch.child.stdout.take().unwrap());
+        out.feed(launch.child.stderr.take().unwrap());
+        Watched { launch, out }
+    }
+
+    /// The ready line, parsed.
+    pub fn ready(&self) -> serde_json::Value {
+        serde_json::from_str(&self.launch.ready_line).unwrap()
+    }
+
+    /// The ready line and the output so far, for a failing assertion's message.
+    pub fn context(&self) -> String {
+        format!(
+            "ready line: {}\noutput:\n{}",
+            self.launch.ready_line,
+            self.out.text()
+        )
+    }
+}

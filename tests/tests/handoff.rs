@@ -28,18 +28,22 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// A lowport run whose command's stdout and lowport's (and the command's) stderr are collected.
 struct Server {
-    launch: Launch,
-    out: Output,
+    watched: Watched,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Watched;
+
+    fn deref(&self) -> &Watched {
+        &self.watched
+    }
 }
 
 impl Server {
-    fn start(mut cmd: Command) -> Server {
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-        let mut launch = Launch::start(cmd);
-        let out = Output::default();
-        out.feed(launch.child.stdout.take().unwrap());
-        out.feed(launch.child.stderr.take().unwrap());
-        Server { launch, out }
+    fn start(cmd: Command) -> Server {
+        Server {
+            watched: Watched::start(cmd),
+        }
     }
 
     /// The host port of the first published mapping.
@@ -86,14 +90,6 @@ impl Server {
                 )
             })
             .collect()
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "ready line: {}\noutput:\n{}",
-            self.launch.ready_line,
-            self.out.text()
-        )
     }
 }
 
@@ -966,8 +962,9 @@ fn a_server_that_closes_and_binds_again_gets_a_host_socket_each_time() {
         );
     }
     server.out.wait_for("all rounds done\n");
-    let mut launch = server.launch;
-    assert!(launch.wait().success(), "{}", server.out.text());
+    let out = server.out.clone();
+    let mut launch = server.watched.launch;
+    assert!(launch.wait().success(), "{}", out.text());
 }
 
 /// Three SO_REUSEPORT sockets on 0.0.0.0:80; each connection is answered with the index of the socket
@@ -1771,7 +1768,7 @@ fn lowport_keeps_no_copy_of_a_handed_over_socket() {
         Signal::SIGKILL,
     )
     .unwrap();
-    let mut launch = server.launch;
+    let mut launch = server.watched.launch;
     launch.wait();
     assert!(host_listeners(Proto::Tcp, '4', port).is_empty());
     assert!(std::net::TcpListener::bind(("0.0.0.0", port)).is_ok());

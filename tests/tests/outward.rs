@@ -118,33 +118,7 @@ impl Drop for Service {
 }
 
 /// A lowport that runs a server, with the command's and lowport's output collected.
-struct Lowport {
-    launch: Launch,
-    out: Output,
-}
-
-impl Lowport {
-    fn start(mut cmd: Command) -> Lowport {
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-        let mut launch = Launch::start(cmd);
-        let out = Output::default();
-        out.feed(launch.child.stdout.take().unwrap());
-        out.feed(launch.child.stderr.take().unwrap());
-        Lowport { launch, out }
-    }
-
-    fn ready(&self) -> serde_json::Value {
-        serde_json::from_str(&self.launch.ready_line).unwrap()
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "ready line: {}\noutput:\n{}",
-            self.launch.ready_line,
-            self.out.text()
-        )
-    }
-}
+type Lowport = Watched;
 
 /// `lowport run OPTIONS -- COMMAND...` to its end, as uid 65534: exit code, stdout, stderr.
 fn inside(options: &[&str], command: &[&str]) -> (i32, String, String) {
@@ -1451,4 +1425,36 @@ fn a_connect_to_a_host_service_gets_the_host_socket_itself() {
         lines.get(1).is_some_and(|l| l.contains(" 200 ")),
         "{out}\n{err}"
     );
+}
+
+/// Opens one connection to 127.0.0.1:PORT (argv) and leaves it idle, then asks for /greeting.txt on
+/// a second one; prints its status line, or "no answer" after 2 s.
+const TWO_AT_ONCE: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+idle = socket.create_connection(("127.0.0.1", port))
+second = socket.create_connection(("127.0.0.1", port))
+second.settimeout(2)
+second.sendall(b"GET /greeting.txt HTTP/1.0\r\n\r\n")
+try:
+    print(second.makefile("rb").readline().decode().strip() or "no answer")
+except socket.timeout:
+    print("no answer")
+"#;
+
+/// Relayed connections to a host service are bounded by the same limit as published ports', which
+/// is sized to the open-file limit also when no TCP port is published: a second connection is served
+/// while a first one stays open.
+#[test]
+fn relayed_connections_to_a_host_service_are_not_served_one_at_a_time() {
+    let (_dir, _app, port) = http_app("two-at-once", "127.0.0.1", APP_TEXT);
+    let scripts = TempDir::new("two-at-once-client", None);
+    let client = scripts.write("two.py", TWO_AT_ONCE);
+    let port = port.to_string();
+    let (code, out, err) = inside(
+        &["--forward", "relay", "--host-loopback", &port],
+        &[PYTHON, client.to_str().unwrap(), &port],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(" 200 "), "{out}\n{err}");
 }
