@@ -723,13 +723,132 @@ def listener_holders(port):
     return holders, unreadable
 
 
+def upstream_holders(port):
+    """Who holds the host's client ends of the established TCP connections to 127.0.0.1:`port` (the
+    proxy chain's app): a count per process name, `?` for a socket no readable process holds."""
+    inodes = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        inodes[f"socket:[{fields[9]}]"] = set()
+        except OSError:
+            pass
+    table = proc_table()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if link in inodes:
+                inodes[link].add(table.get(int(entry), (0, "", "?"))[2])
+    counts = {}
+    for comms in inodes.values():
+        who = "nginx" if "nginx" in comms else "+".join(sorted(comms)) or "?"
+        counts[who] = counts.get(who, 0) + 1
+    return counts
+
+
+def accepted_by(port, n=8):
+    """Opens `n` connections to 127.0.0.1:`port` and says who accepted them: a count per process name
+    holding the server's end (`queued` while none does after a second)."""
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        mine = {s.getsockname()[1] for s in socks}
+        deadline = time.monotonic() + 1
+        while True:
+            inodes = {}
+            with open("/proc/net/tcp") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, remote = fields[1].rsplit(":", 1), fields[2].rsplit(":", 1)
+                    if fields[3] == "01" and int(local[1], 16) == port and int(remote[1], 16) in mine:
+                        inodes[f"socket:[{fields[9]}]"] = set()
+            table = proc_table()
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    fds = os.listdir(f"/proc/{entry}/fd")
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        link = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    except OSError:
+                        continue
+                    if link in inodes:
+                        inodes[link].add(table.get(int(entry), (0, "", "?"))[2])
+            if all(inodes.values()) and len(inodes) == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        counts = {}
+        for comms in list(inodes.values()) + [set()] * (n - len(inodes)):
+            who = "+".join(sorted(comms)) or "queued"
+            counts[who] = counts.get(who, 0) + 1
+        return counts
+    finally:
+        for s in socks:
+            s.close()
+
+
 def check_forwarding(setup, launch, ports):
     """With --forward handoff the server must hold the published host listener, with --forward relay
     lowport (the launcher's own process). A bind that handoff cannot take over (one lowport cannot see,
-    say) is relayed without a word: its figures would be the relay's. Returns a note when the holders
-    could not be read; raises when the check fails."""
+    say) is relayed without a word: its figures would be the relay's. When lowport keeps a copy of a
+    handed-over listener, a few connections show who accepts: the server, or lowport relaying. Returns
+    a note when the holders could not be read or lowport holds a copy; raises when the check fails."""
     if not setup.forward:
         return None
+    deadline = time.monotonic() + 2
+    notes = []
+    for port in ports:
+        while True:
+            holders, unreadable = listener_holders(port)
+            # The servers: not the launcher, nor a process of lowport's own beside it.
+            table = proc_table()
+            ours = {p for p in holders if p == launch.pid or table.get(p, (0, "", "?"))[2] == "lowport"}
+            inside = holders - ours
+            if setup.forward == "handoff":
+                ok = bool(inside) and not ours
+            else:
+                ok = launch.pid in holders
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                if unreadable and not (holders if setup.forward == "handoff" else inside):
+                    return f"who holds the host listener on port {port} could not be read; not checked"
+                names = sorted(f"{table.get(p, (0, '', '?'))[2]} ({'the launcher' if p == launch.pid else p})"
+                               for p in holders) or ["nobody"]
+                if setup.forward == "handoff" and inside:
+                    counts = accepted_by(port)
+                    text = ", ".join(f"{n} by {who}" for who, n in sorted(counts.items(), key=lambda x: -x[1]))
+                    if set(counts) <= {table.get(p, (0, "", "?"))[2] for p in inside}:
+                        notes.append(f"lowport keeps a copy of the host listener on port {port} "
+                                     f"({', '.join(names)} hold it), but the server accepts: test "
+                                     f"connections accepted {text}")
+                        break
+                    raise RuntimeError(f"--forward handoff: the host listener on port {port} is held by "
+                                       f"{', '.join(names)}, and test connections were accepted {text}")
+                raise RuntimeError(f"--forward {setup.forward}: the host listener on port {port} is held by "
+                                   f"{', '.join(names)}"
+                                   + (" (the port was relayed, not handed off)" if setup.forward == "handoff"
+                                      else ""))
+            time.sleep(0.05)
+    return "; ".join(notes) or None
     deadline = time.monotonic() + 2
     for port in ports:
         while True:
@@ -747,7 +866,9 @@ def check_forwarding(setup, launch, ports):
             if time.monotonic() > deadline:
                 if unreadable and not (holders if setup.forward == "handoff" else inside):
                     return f"who holds the host listener on port {port} could not be read; not checked"
-                names = sorted({proc_table().get(p, (0, "", "?"))[2] for p in holders}) or ["nobody"]
+                table = proc_table()
+                names = sorted(f"{table.get(p, (0, '', '?'))[2]} ({'the launcher' if p == launch.pid else p})"
+                               for p in holders) or ["nobody"]
                 raise RuntimeError(f"--forward {setup.forward}: the host listener on port {port} is held by "
                                    f"{', '.join(names)}"
                                    + (" (the port was relayed, not handed off)" if setup.forward == "handoff"
@@ -910,8 +1031,9 @@ def attach_helper(n, warmup, argv):
         print(json.dumps({"times": times, "errors": errors}))
 
 
-# pasta as lowport --net pasta starts it (issue 9: every forward and the gateway mapping off), attached
-# to a namespace's process; see attach_helper.
+# pasta with lowport --net pasta's options (every forward and the gateway mapping off), attached to a
+# namespace's process; see attach_helper. lowport adds --foreground and waits for the pid pasta writes
+# once the namespace is set up: the same point in pasta's start-up at which its first process exits.
 PASTA_ATTACH = ["pasta", "--config-net", "-q", "-t", "none", "-u", "none", "-T", "none", "-U", "none",
                 "--no-map-gw", "-P", "{pidfile}", "{pid}"]
 
@@ -1427,6 +1549,18 @@ def measure_nginx(setup, runner, res, rnd, metric="nginx"):
         if check:
             log(f"{setup.label}: {metric}: {check}")
         value, note = guarded(lambda: wrk(runner, f"http://127.0.0.1:{hp}/1k", 50, 2), runner.uids)
+        if check:
+            note = f"{note}; {check}" if note else check
+        if metric == "proxy" and setup.forward == "handoff" and PROXY_KEEPALIVE:
+            # The front nginx keeps its connections to the app open after wrk: with lowport's connect
+            # handoff nginx holds their host sockets; relayed, lowport holds them.
+            held = upstream_holders(port)
+            text = ", ".join(f"{n} held by {comm}" for comm, n in sorted(held.items(), key=lambda x: -x[1]))
+            if "lowport" in held or "nginx" not in held:
+                held_note = (f"the host's connections to the app: {text or 'none'} (held by lowport: relayed, "
+                             "not handed off to nginx)")
+                note = f"{note}; {held_note}" if note else held_note
+            log(f"{setup.label}: the host's connections to the app: {text or 'none'}")
         record(res, metric, value, note)
         log(f"{label}: {fmt_value(metric, value)}" + (f" ({note})" if note else ""))
     except Exception as e:  # noqa: BLE001
