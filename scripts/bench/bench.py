@@ -837,9 +837,13 @@ def check_forwarding(setup, launch, ports):
                     counts = accepted_by(port)
                     text = ", ".join(f"{n} by {who}" for who, n in sorted(counts.items(), key=lambda x: -x[1]))
                     if set(counts) <= {table.get(p, (0, "", "?"))[2] for p in inside}:
-                        notes.append(f"lowport keeps a copy of the host listener on port {port} "
-                                     f"({', '.join(names)} hold it), but the server accepts: test "
-                                     f"connections accepted {text}")
+                        # Without ports and pids, so that the rounds' notes are one.
+                        log(f"{setup.label}: port {port}: held by {', '.join(names)}; test connections "
+                            f"accepted {text}")
+                        servers = ", ".join(sorted(set(counts)))
+                        notes.append(f"lowport keeps a copy of the handed-over host listener (the launcher "
+                                     f"holds it beside {servers}), but {servers} accepted every test "
+                                     "connection: handed off")
                         break
                     raise RuntimeError(f"--forward handoff: the host listener on port {port} is held by "
                                        f"{', '.join(names)}, and test connections were accepted {text}")
@@ -1557,8 +1561,9 @@ def measure_nginx(setup, runner, res, rnd, metric="nginx"):
             held = upstream_holders(port)
             text = ", ".join(f"{n} held by {comm}" for comm, n in sorted(held.items(), key=lambda x: -x[1]))
             if "lowport" in held or "nginx" not in held:
-                held_note = (f"the host's connections to the app: {text or 'none'} (held by lowport: relayed, "
-                             "not handed off to nginx)")
+                held_note = ("the host's connections to the app were held by "
+                             f"{', '.join(sorted(held)) or 'no process'}, not by nginx: lowport relayed them "
+                             "(no connect handoff)")
                 note = f"{note}; {held_note}" if note else held_note
             log(f"{setup.label}: the host's connections to the app: {text or 'none'}")
         record(res, metric, value, note)
