@@ -3,9 +3,11 @@
 # They do their own set-up; as root they also install what is missing from Debian's packages.
 
 CARGO ?= cargo
+# Where `make install` puts lowport, its man pages and completions; ~/.local needs no root.
+PREFIX ?= $(HOME)/.local
 DEMO_PORT ?= 8080
 
-.PHONY: all build release setup demo test stress lint bench clean
+.PHONY: all build release setup demo test stress lint bench install clean
 
 all: build
 
@@ -51,6 +53,18 @@ lint:
 BENCH_PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 bench: release
 	@BENCH_QUICK=$(BENCH_QUICK) BENCH_ONLY=$(BENCH_ONLY) $(BENCH_PYTHON) scripts/bench/bench.py
+
+# The binary, the man pages (lowport(1), lowport-run(1)) and bash, zsh and fish completions, all
+# generated from the clap definitions by lowport-docs. `make install PREFIX=~/.local` needs no root.
+install: release
+	target/release/lowport-docs target/share
+	install -D -m 755 target/release/lowport "$(PREFIX)/bin/lowport"
+	install -D -m 644 target/share/man1/lowport.1 "$(PREFIX)/share/man/man1/lowport.1"
+	install -D -m 644 target/share/man1/lowport-run.1 "$(PREFIX)/share/man/man1/lowport-run.1"
+	install -D -m 644 target/share/completions/lowport.bash "$(PREFIX)/share/bash-completion/completions/lowport"
+	install -D -m 644 target/share/completions/_lowport "$(PREFIX)/share/zsh/site-functions/_lowport"
+	install -D -m 644 target/share/completions/lowport.fish "$(PREFIX)/share/fish/vendor_completions.d/lowport.fish"
+	@echo "installed: $(PREFIX)/bin/lowport, its man pages in $(PREFIX)/share/man/man1, completions for bash, zsh and fish under $(PREFIX)/share"
 
 clean:
 	$(CARGO) clean

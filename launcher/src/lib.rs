@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //!
+//! [`cli`] defines the command line, for `lowport` and for the man pages and completions that
+//! `lowport-docs` writes.
+//!
 //! A launch ([`launch::run`]) flows through the modules in this order:
 //!
 //! - [`publish`]: parses `-p [HOST_IP:]HOST_PORT:PORT[/tcp]`.
@@ -26,6 +29,7 @@
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
 
 pub mod capabilities;
+pub mod cli;
 pub mod forward;
 pub mod handoff;
 pub mod host;

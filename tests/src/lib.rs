@@ -89,7 +89,8 @@ fn test_binary() -> String {
     }
 }
 
-fn target_dir() -> PathBuf {
+/// The target directory of this build (`target/debug` for `cargo test`).
+pub fn target_dir() -> PathBuf {
     // tests run from target/<profile>/deps/<test>-<hash>
     let exe = std::env::current_exe().expect("test executable path");
     exe.parent()

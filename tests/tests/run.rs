@@ -315,3 +315,65 @@ fn stdio_passes_through() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "got hello\n");
 }
+
+/// `lowport-docs` (what `make install` runs) writes the man pages and completions from the same
+/// definitions as `--help`: `man -l` renders lowport-run(1) with the options, and the bash
+/// completion loads and completes an option.
+#[test]
+fn man_pages_and_completions_come_from_the_command_line() {
+    let docs = target_dir().join("lowport-docs");
+    if !require(
+        docs.is_file(),
+        "lowport-docs (cargo build --workspace builds it)",
+    ) {
+        return;
+    }
+    let out = TempDir::new("docs-gen", None);
+    let status = std::process::Command::new(&docs)
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let page = out.path().join("man1/lowport-run.1");
+    let rendered = std::process::Command::new("man")
+        .arg("-l")
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .output();
+    if let Some(rendered) = rendered.ok().filter(|o| o.status.success()) {
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        for option in [
+            "--publish",
+            "--host-loopback",
+            "--forward",
+            "--net",
+            "--dns",
+        ] {
+            assert!(
+                text.contains(option),
+                "{option} missing from lowport-run(1):\n{text}"
+            );
+        }
+    } else {
+        require(false, "man (package man-db)");
+    }
+    assert!(out.path().join("man1/lowport.1").is_file());
+    assert!(out.path().join("completions/_lowport").is_file());
+    assert!(out.path().join("completions/lowport.fish").is_file());
+    let script = format!(
+        "source {}; COMP_WORDS=(lowport run --host); COMP_CWORD=2; COMP_LINE='lowport run --host'; \
+         COMP_POINT=${{#COMP_LINE}}; _lowport lowport --host run; echo \"${{COMPREPLY[@]}}\"",
+        out.path().join("completions/lowport.bash").display()
+    );
+    let completed = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&completed.stdout).trim(),
+        "--host-loopback",
+        "{}",
+        String::from_utf8_lossy(&completed.stderr)
+    );
+}
