@@ -1257,9 +1257,8 @@ fn prepare(host: &OwnedFd, server: &OwnedFd, state: &ServerSocket, fresh: bool) 
     Ok(())
 }
 
-/// Whether descriptor `fd` of thread `tid` is close-on-exec: the `flags` line of its fdinfo, in octal.
 /// Whether descriptor `fd` of thread `tid` is non-blocking and close-on-exec, from one read of its
-/// fdinfo.
+/// fdinfo (its `flags` line, in octal).
 fn fd_flags(tid: i32, fd: RawFd) -> Option<(bool, bool)> {
     let info = read_proc(&format!("/proc/{tid}/fdinfo/{fd}"), 512)?;
     let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
@@ -1295,14 +1294,9 @@ fn read_proc(path: &str, max: usize) -> Option<String> {
     String::from_utf8(buf).ok()
 }
 
+/// Whether descriptor `fd` of thread `tid` is close-on-exec (see [`fd_flags`]).
 fn fd_cloexec(tid: i32, fd: RawFd) -> bool {
-    std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))
-        .ok()
-        .and_then(|info| {
-            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
-            u32::from_str_radix(flags.trim(), 8).ok()
-        })
-        .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
+    fd_flags(tid, fd).is_some_and(|(_, cloexec)| cloexec)
 }
 
 fn inode(fd: &OwnedFd) -> Option<u64> {

@@ -799,25 +799,6 @@ pub fn notif_sync_wakeup(listener: std::os::fd::BorrowedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends `signal` to the process of `pidfd` (pidfd_send_signal(2), Linux 5.1).
-pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd, signal: i32) -> io::Result<()> {
-    // SAFETY: a descriptor, a signal number, a null siginfo (the kernel fills it as for kill) and
-    // no flags; no memory is passed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// In a forked child: stdin and stdout on /dev/null, stderr on `stderr`, `keep` left open across
 /// exec, every signal unblocked and SIGPIPE back to its default (Rust ignores it, and an ignored
 /// signal stays ignored across exec), then exec `argv` (argv[0] is the program's path). Never

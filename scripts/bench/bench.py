@@ -737,6 +737,16 @@ def upstream_holders(port):
                         inodes[f"socket:[{fields[9]}]"] = set()
         except OSError:
             pass
+    add_holders(inodes)
+    counts = {}
+    for comms in inodes.values():
+        who = "nginx" if "nginx" in comms else "+".join(sorted(comms)) or "?"
+        counts[who] = counts.get(who, 0) + 1
+    return counts
+
+
+def add_holders(inodes):
+    """Adds to each `socket:[INODE]` key of `inodes` the names of the processes holding that socket."""
     table = proc_table()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -752,11 +762,6 @@ def upstream_holders(port):
                 continue
             if link in inodes:
                 inodes[link].add(table.get(int(entry), (0, "", "?"))[2])
-    counts = {}
-    for comms in inodes.values():
-        who = "nginx" if "nginx" in comms else "+".join(sorted(comms)) or "?"
-        counts[who] = counts.get(who, 0) + 1
-    return counts
 
 
 def accepted_by(port, n=8):
@@ -777,21 +782,7 @@ def accepted_by(port, n=8):
                     local, remote = fields[1].rsplit(":", 1), fields[2].rsplit(":", 1)
                     if fields[3] == "01" and int(local[1], 16) == port and int(remote[1], 16) in mine:
                         inodes[f"socket:[{fields[9]}]"] = set()
-            table = proc_table()
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    fds = os.listdir(f"/proc/{entry}/fd")
-                except OSError:
-                    continue
-                for fd in fds:
-                    try:
-                        link = os.readlink(f"/proc/{entry}/fd/{fd}")
-                    except OSError:
-                        continue
-                    if link in inodes:
-                        inodes[link].add(table.get(int(entry), (0, "", "?"))[2])
+            add_holders(inodes)
             if all(inodes.values()) and len(inodes) == n or time.monotonic() > deadline:
                 break
             time.sleep(0.02)

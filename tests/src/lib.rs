@@ -915,3 +915,21 @@ impl Watched {
         )
     }
 }
+
+/// Debian's nginx, where it is installed.
+pub fn nginx_bin() -> Option<&'static str> {
+    tool(&["/usr/sbin/nginx", "/usr/bin/nginx"])
+}
+
+/// `nginx -e stderr -p DIR -c DIR/nginx.conf`: nginx with its configuration, prefix and logs in `dir`.
+pub fn nginx_command(dir: &TempDir) -> Vec<String> {
+    vec![
+        nginx_bin().unwrap().to_owned(),
+        "-e".into(),
+        "stderr".into(),
+        "-p".into(),
+        dir.path().display().to_string(),
+        "-c".into(),
+        dir.path().join("nginx.conf").display().to_string(),
+    ]
+}

@@ -21,12 +21,6 @@ fn tool_exists(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn nginx_bin() -> Option<&'static str> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-}
-
 /// A directory removed when dropped.
 struct TempDir(PathBuf);
 

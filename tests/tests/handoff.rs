@@ -375,10 +375,6 @@ fn host_uid(pid: u32) -> Option<u32> {
 // 1. nginx
 // ---------------------------------------------------------------------------------------------
 
-fn nginx_bin() -> Option<&'static str> {
-    tool(&["/usr/sbin/nginx", "/usr/bin/nginx"])
-}
-
 /// An nginx directory: configuration with `listen 80; listen [::]:80;`, an access log of
 /// `$remote_addr $server_port`, and www/index.html. `user` is the workers' `user` line.
 fn nginx_dir(tag: &str, owner: (u32, u32), user: &str, extra: &str) -> TempDir {
@@ -407,18 +403,6 @@ fn write_nginx_conf(dir: &TempDir, user: &str, extra: &str) {
              server {{\n    listen 80;\n    listen [::]:80;\n    root {d}/www;\n    {extra}\n  }}\n}}\n"
         ),
     );
-}
-
-fn nginx_command(dir: &TempDir) -> Vec<String> {
-    vec![
-        nginx_bin().unwrap().to_owned(),
-        "-e".into(),
-        "stderr".into(),
-        "-p".into(),
-        dir.path().display().to_string(),
-        "-c".into(),
-        dir.path().join("nginx.conf").display().to_string(),
-    ]
 }
 
 fn access_log(dir: &TempDir) -> String {

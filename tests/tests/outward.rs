@@ -246,10 +246,6 @@ fn pick_port(attempt: u32) -> u16 {
     20000 + (mix % 9000) as u16
 }
 
-fn nginx_bin() -> Option<&'static str> {
-    tool(&["/usr/sbin/nginx", "/usr/bin/nginx"])
-}
-
 /// nginx as a reverse proxy, configured as in production: `listen 80;` and `proxy_pass
 /// http://UPSTREAM;` (nginx speaks HTTP/1.0 to its upstream and closes each connection).
 fn nginx_proxy(tag: &str, upstream: &str) -> TempDir {
@@ -267,18 +263,6 @@ fn nginx_proxy(tag: &str, upstream: &str) -> TempDir {
         ),
     );
     dir
-}
-
-fn nginx_command(dir: &TempDir) -> Vec<String> {
-    vec![
-        nginx_bin().unwrap().to_owned(),
-        "-e".into(),
-        "stderr".into(),
-        "-p".into(),
-        dir.path().display().to_string(),
-        "-c".into(),
-        dir.path().join("nginx.conf").display().to_string(),
-    ]
 }
 
 /// GET `path` once the server answers at all: the status and the body.
