@@ -32,6 +32,62 @@ pub enum Command {
   lowport run -- bash            # a shell in which `id` says uid 0\n\nEXIT STATUS:\n  The command's own status, or 128+N when signal N killed it; 2 for bad usage; 125 when lowport\n  itself fails before the command runs; 126 when the command cannot run; 127 when it is not found."
     )]
     Run(RunArgs),
+
+    /// List the running instances of this user: name, lowport's pid, uptime, ports and command
+    #[command(
+        after_long_help = "Instances live under $XDG_RUNTIME_DIR/lowport/NAME/ (or /tmp/lowport-UID without\nXDG_RUNTIME_DIR); entries left by a lowport that was killed are removed on the way."
+    )]
+    Ps {
+        /// Print a JSON array of the instances' state instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Run COMMAND in the namespaces of a running instance, as uid 0 there (as the server runs)
+    #[command(
+        after_long_help = "EXAMPLES:\n  lowport exec web -- nginx -s reload\n  lowport exec web -- curl -s http://127.0.0.1/\n  lowport exec web -- ps -ef\n\nCOMMAND joins the instance's user, network, pid and mount namespaces (so it sees the\nserver's own /proc), in the caller's directory and environment. lowport exec exits with\nCOMMAND's status."
+    )]
+    Exec {
+        /// The instance, as `lowport ps` lists it
+        name: String,
+        /// The program to run and its arguments
+        #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+
+    /// Stop a running instance: SIGTERM to its command, and wait until lowport has exited
+    Stop {
+        /// The instance, as `lowport ps` lists it
+        name: String,
+        /// Seconds to wait after SIGTERM before killing the instance with SIGKILL
+        #[arg(long, short = 't', default_value_t = 10, value_name = "SECONDS")]
+        time: u64,
+    },
+
+    /// Publish another host port to a running instance, or stop publishing one
+    #[command(subcommand)]
+    Port(PortCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PortCommand {
+    /// Publish a host port to the instance's PORT without restarting it; the port is relayed
+    /// (the server bound its sockets already, so there is no bind to hand the host socket to)
+    Add {
+        /// The instance, as `lowport ps` lists it
+        name: String,
+        /// As for `lowport run -p`
+        #[arg(value_name = "[HOST_IP:]HOST_PORT:PORT[/tcp|udp]")]
+        spec: String,
+    },
+    /// Stop publishing a host port: new clients are refused, connections already relayed go on
+    Rm {
+        /// The instance, as `lowport ps` lists it
+        name: String,
+        /// The host port, or the -p spec it was published with
+        #[arg(value_name = "[HOST_IP:]HOST_PORT[/tcp|udp]")]
+        spec: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -131,6 +187,12 @@ pub struct RunArgs {
     /// resolver on the host's loopback (systemd-resolved's 127.0.0.53) included
     #[arg(long)]
     pub dns: bool,
+
+    /// Name this instance, so that `lowport ps`, `exec`, `stop` and `port` can reach it; by default
+    /// the program's name (nginx, then nginx-2 when one runs already). An explicit name in use is
+    /// an error
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 
     /// The program to run and its arguments (put `--` before it when it takes options of its own)
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]

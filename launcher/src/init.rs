@@ -10,6 +10,11 @@
 //! waits for the forwarded signals with `sigwaitinfo` and passes each on to the command, reaps orphans,
 //! and exits with the command's status (128 + N when signal N killed it), as tini and bubblewrap do.
 //!
+//! Why a mount namespace: the helper mounts a procfs of the new pid namespace over /proc, so `ps`,
+//! `top`, pid files and `/proc/<getpid()>` inside speak of the command's own processes. Nothing else
+//! of the host's filesystem changes, and nothing mounted inside propagates back. Where the kernel
+//! refuses the procfs, the command runs with the host's /proc as before, and lowport says so.
+//!
 //! Start-up is reported over a close-on-exec pipe: the command writes its pid (as the host sees it)
 //! before `execvp`, and the errno after a failed one; end-of-file means the exec happened.
 
@@ -82,9 +87,19 @@ pub struct Started {
     pub init: Pid,
     /// The command's pid as the host sees it (0 if /proc could not tell).
     pub child_pid: u32,
+    /// The helper's pid and mount namespaces, for `lowport exec` (lowport cannot open them through
+    /// /proc: the helper is not dumpable).
+    pub namespaces: Namespaces,
     /// Kept open for the helper's lifetime check; closing it tells a helper that started late that
     /// the launcher is gone.
     _lifeline: OwnedFd,
+}
+
+/// The namespaces the helper made, as it sent them.
+#[derive(Debug, Default)]
+pub struct Namespaces {
+    pub pid: Option<OwnedFd>,
+    pub mnt: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,10 +242,31 @@ pub fn start(
     let (lifeline_r, lifeline_w) =
         nix::unistd::pipe2(cloexec).map_err(|e| InitError::Spawn(e.into()))?;
 
-    match sys::clone_into_new_pid_namespace().map_err(InitError::spawn)? {
+    // The helper sends its namespaces, and whether it could mount the private /proc, over this pair.
+    let (ns_ours, ns_theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| InitError::Spawn(e.into()))?;
+
+    // A mount namespace needs CAP_SYS_ADMIN in the user namespace lowport made, which it has here;
+    // should a kernel still refuse, the command runs as before, without a private /proc.
+    let mut has_mnt = true;
+    let cloned = match sys::clone_into_new_pid_namespace(true) {
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) => {
+            tracing::warn!(%err, "cannot make a mount namespace for the command; it sees the host's /proc (ps lists every host process)");
+            has_mnt = false;
+            sys::clone_into_new_pid_namespace(false)
+        }
+        other => other,
+    };
+    match cloned.map_err(InitError::spawn)? {
         CloneResult::Child => {
             drop(status_r);
             drop(lifeline_w);
+            drop(ns_ours);
             let code = helper_main(
                 &argv,
                 command,
@@ -238,23 +274,71 @@ pub fn start(
                 close_in_helper,
                 lifeline_r,
                 status_w,
+                (ns_theirs, has_mnt),
             );
             sys::exit_now(code)
         }
         CloneResult::Parent(init) => {
             drop(status_w);
             drop(lifeline_r);
+            drop(ns_theirs);
             let mut report = Vec::new();
             let read = std::fs::File::from(status_r).read_to_end(&mut report);
             let started = Started {
                 init,
                 child_pid: 0,
+                namespaces: receive_namespaces(&ns_ours),
                 _lifeline: lifeline_w,
             };
             read.map_err(InitError::Spawn)?;
             parse_report(&report, &program, started)
         }
     }
+}
+
+/// What [`send_namespaces`] sent; the helper sent it before forking the command, so it is there by
+/// the time the command's start has been reported.
+fn receive_namespaces(sock: &OwnedFd) -> Namespaces {
+    let mut buf = [0u8; 8];
+    match sys::recv_with_fds(sock.as_fd(), &mut buf) {
+        Ok((8, fds)) => {
+            let mounted = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let has_mnt = buf[4] == 1;
+            // Without a mount namespace, `start` has said so already.
+            if mounted != 0 && has_mnt {
+                let err = io::Error::from_raw_os_error(mounted);
+                tracing::warn!(
+                    %err,
+                    "the kernel refused a private /proc for the command (as it does where the host's /proc has parts hidden under other mounts, in some containers); it sees the host's /proc, so ps inside lists every host process and pid files hold pids the host does not know"
+                );
+            }
+            let mut fds = fds.into_iter();
+            let pid = fds.next();
+            let mnt = if has_mnt { fds.next() } else { None };
+            Namespaces { pid, mnt }
+        }
+        other => {
+            tracing::debug!(?other, "no namespaces from the pid-1 helper");
+            Namespaces::default()
+        }
+    }
+}
+
+/// The helper's side of [`receive_namespaces`]: the errno of the private /proc's mount (0 when it is
+/// mounted), whether a mount namespace was made, and the pid and mount namespaces.
+fn send_namespaces(sock: &OwnedFd, mounted: i32, has_mnt: bool) {
+    let open = |path: &str| std::fs::File::open(path).ok().map(OwnedFd::from);
+    let pid = open("/proc/self/ns/pid");
+    let mnt = if has_mnt {
+        open("/proc/self/ns/mnt")
+    } else {
+        None
+    };
+    let mut msg = [0u8; 8];
+    msg[..4].copy_from_slice(&mounted.to_ne_bytes());
+    msg[4] = u8::from(mnt.is_some());
+    let fds: Vec<_> = pid.iter().chain(mnt.iter()).map(|f| f.as_fd()).collect();
+    let _ = sys::send_with_fds(sock.as_raw_fd(), &msg, &fds);
 }
 
 fn parse_report(
@@ -307,6 +391,7 @@ fn helper_main(
     close: &[RawFd],
     lifeline: OwnedFd,
     status: OwnedFd,
+    (namespaces, has_mnt): (OwnedFd, bool),
 ) -> i32 {
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         return 125;
@@ -320,6 +405,25 @@ fn helper_main(
         return 125;
     }
     drop(lifeline);
+    // The host's /proc, which the command's side reads its host pid from once the private one hides it.
+    let host_proc = nix::fcntl::open(
+        "/proc",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()
+    // SAFETY: open returned this descriptor, and nothing else owns it.
+    .map(|fd| unsafe { sys::own_raw(fd) });
+    let mounted = if has_mnt {
+        match sys::mount_private_proc() {
+            Ok(()) => 0,
+            Err(err) => err.raw_os_error().unwrap_or(libc::EPERM),
+        }
+    } else {
+        libc::EPERM
+    };
+    send_namespaces(&namespaces, mounted, has_mnt);
+    drop(namespaces);
     // The command needs these; the helper closes its copies once the command is forked.
     let mut activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
     activation.extend(command.handoff);
@@ -334,7 +438,7 @@ fn helper_main(
     let _ = waited.thread_block();
 
     let child = match sys::fork() {
-        Ok(ForkResult::Child) => exec_command(argv, command, &status),
+        Ok(ForkResult::Child) => exec_command(argv, command, &status, host_proc.as_ref()),
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
             send(
@@ -419,8 +523,8 @@ fn warn_if_left_behind() {
     }
 }
 
-/// Counts this process's living descendants through /proc/PID/task/TID/children (host pids; /proc is
-/// the host's procfs, and a process always may read its own).
+/// Counts this process's living descendants through /proc/PID/task/TID/children (the pids of whichever
+/// procfs /proc is, the private one or the host's: a process always may read its own).
 fn descendants_of_self() -> usize {
     let children = |pid: &str| -> Vec<String> {
         let mut found = Vec::new();
@@ -460,8 +564,17 @@ fn reap(command: Pid) -> Option<Exit> {
 
 /// The command's side of the fork: a clean signal state, the caller's open-file limit and
 /// environment, the activation sockets, then exec.
-fn exec_command(argv: &[CString], command: &CommandSpec, status: &OwnedFd) -> ! {
-    let host_pid = std::fs::read_link("/proc/self")
+fn exec_command(
+    argv: &[CString],
+    command: &CommandSpec,
+    status: &OwnedFd,
+    host_proc: Option<&OwnedFd>,
+) -> ! {
+    let link = match host_proc {
+        Some(dir) => sys::readlink_at(dir.as_fd(), "self").map(std::path::PathBuf::from),
+        None => std::fs::read_link("/proc/self"),
+    };
+    let host_pid = link
         .ok()
         .and_then(|p| p.to_str()?.parse::<i32>().ok())
         .unwrap_or(0);

@@ -65,6 +65,8 @@ pub struct Config {
     pub net: Net,
     /// Mirror the host's resolvers inside (implied by `Net::Pasta`).
     pub dns: bool,
+    /// The instance's name (see `instance`); `None` derives one from the command.
+    pub name: Option<String>,
     pub command: Vec<OsString>,
 }
 
@@ -97,6 +99,8 @@ pub enum LaunchError {
     Pasta(#[from] PastaError),
     #[error(transparent)]
     Init(#[from] InitError),
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
     #[error("{0}")]
     Resources(String),
     #[error("cannot {what}: {source}")]
@@ -113,6 +117,8 @@ impl LaunchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LaunchError::Usage(_) => 2,
+            LaunchError::Instance(crate::instance::InstanceError::BadName(_))
+            | LaunchError::Instance(crate::instance::InstanceError::Taken { .. }) => 2,
             LaunchError::Init(e) => e.exit_code(),
             _ => 125,
         }
@@ -221,12 +227,40 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // Descriptors lowport inherited (stdio, --ready-fd, whatever the caller left open) count too.
     let inherited = std::fs::read_dir("/proc/self/fd").map_or(3, |d| d.count().saturating_sub(1));
     let threads = relay_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let limits = Limits::fit(
+    let reserved = reserved_fds(config.publish.len() * 2 + inherited, threads);
+    let mut limits = Limits::fit(
         nofile,
-        reserved_fds(config.publish.len() * 2 + inherited, threads),
+        reserved,
         (relaying || !routes.is_empty()).then_some(&config),
     )?;
+    // Ports added later (`lowport port add`) are relayed, within what the open-file limit leaves.
+    let spare = nofile.saturating_sub(reserved);
+    if limits.connections == 0 {
+        limits.connections =
+            (spare / FDS_PER_CONNECTION).clamp(1, MAX_DEFAULT_CONNECTIONS) as usize;
+    }
+    if limits.udp_flows == 0 {
+        limits.udp_flows = (spare / 8).clamp(1, MAX_DEFAULT_UDP_FLOWS) as usize;
+    }
     debug!(?limits, nofile, "connection and flow limits");
+
+    // The instance's name and state directory, claimed before anything is bound: a name in use is a
+    // usage error. Without --name, a run that cannot keep state still runs.
+    let claim = match crate::instance::root()
+        .and_then(|root| crate::instance::Claim::take(&root, config.name.as_deref(), program))
+    {
+        Ok(claim) => Some(claim),
+        Err(err) if config.name.is_some() => return Err(err.into()),
+        Err(err) => {
+            warn!(
+                "{err}; this run has no name, so lowport ps, exec, stop and port cannot reach it"
+            );
+            None
+        }
+    };
+    if let Some(claim) = &claim {
+        debug!(name = claim.name, dir = %claim.dir().display(), "instance");
+    }
 
     // 2. Host sockets, then no capability on the host.
     let sockets = host::bind_all(&config.publish, &proc_sys)?;
@@ -272,6 +306,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .map_err(|e| LaunchError::io("block signals")(e.into()))?;
     let mut own_fds: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
     own_fds.extend(config.ready_fd);
+    if let Some(claim) = &claim {
+        own_fds.extend(claim.raw_fds());
+    }
     // Forked while lowport is still in the host's network namespace, where it makes the sockets
     // handed to a server that binds a second time or wants a dual-stack socket, the sockets to host
     // services, and starts pasta. One channel each for the handoff thread, the relays and pasta.
@@ -312,7 +349,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         Net::None => netns::Clients::Own,
         Net::Pasta => netns::Clients::StandIns,
     };
-    if relaying {
+    // A named instance may relay ports added later (`lowport port add`), when no capability is left
+    // to add the routes.
+    if relaying || claim.is_some() {
         netns::route_replies_to_clients(clients)?;
     }
     netns::make_local(&resolvers)?;
@@ -480,8 +519,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     };
     let relays = controls.into_iter().zip(modes).collect();
     let status = runtime.block_on(supervise(
-        config, limits, sockets, relays, outward, started, signals,
-    ))?;
+        config,
+        limits,
+        sockets,
+        relays,
+        outward,
+        started,
+        signals,
+        claim.as_ref(),
+    ));
+    drop(claim);
+    let status = status?;
     drop(pasta);
     // The helper has exited and was reaped: its pid may belong to another process now.
     command_guard.init = None;
@@ -489,21 +537,59 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     Ok(status)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     config: Config,
     limits: Limits,
     sockets: Vec<HostSocket>,
     relays: Vec<(RelayControl, &'static str)>,
     outward: Outward,
-    started: Started,
+    mut started: Started,
     signals: SignalFd,
+    claim: Option<&crate::instance::Claim>,
 ) -> Result<i32, LaunchError> {
     let tcp_limit = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
     let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
+    let half_closed_timeout = config.half_closed_timeout;
+    // The instance's ports and state, which `lowport port` changes and `lowport ps` reads.
+    let live = claim.map(|claim| {
+        let state = crate::instance::State {
+            name: claim.name.clone(),
+            pid: std::process::id(),
+            command_pid: started.child_pid,
+            command: config
+                .command
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ports: Vec::new(),
+        };
+        Arc::new(crate::instance::live::Live::new(
+            claim.dir().to_owned(),
+            state,
+            crate::instance::live::RelaySetup {
+                handle: tokio::runtime::Handle::current(),
+                tcp_limit: tcp_limit.clone(),
+                options: forward::Options {
+                    half_closed_timeout,
+                },
+                preserve_source: config.preserve_source && config.net == Net::None,
+                udp_timeout: config.udp_timeout,
+                udp_flows: udp_flows.clone(),
+            },
+        ))
+    });
     let mut udp_sockets = Vec::new();
     let mut bound = Vec::new();
     for (socket, (control, mode)) in sockets.into_iter().zip(relays) {
         bound.push((socket.spec.clone(), socket.addr, mode));
+        let removal = live.as_ref().map(|live| {
+            let copy = socket.socket.as_fd().try_clone_to_owned().ok();
+            live.track(&socket.spec, socket.addr, mode, copy)
+        });
         if config.socket_activation {
             // The command owns its copies now; lowport's copies only have to outlive the readiness
             // report, and closing them early would change nothing for the command.
@@ -524,15 +610,40 @@ async fn supervise(
                 let (shutdown, done) = control.split();
                 let limit = tcp_limit.clone();
                 tokio::spawn(async move {
-                    forward::serve(listener, target, options, limit, shutdown).await;
+                    let stop = async move {
+                        match removal {
+                            Some(removal) => tokio::select! {
+                                () = shutdown => {}
+                                () = crate::instance::live::removed(removal) => {}
+                            },
+                            None => shutdown.await,
+                        }
+                    };
+                    forward::serve(listener, target, options, limit, stop).await;
                     drop(done);
                 });
             }
-            Bound::Udp(socket) => udp_sockets.push((socket, target, control)),
+            Bound::Udp(socket) => udp_sockets.push((socket, target, Some(control), removal)),
         }
     }
     if !udp_sockets.is_empty() {
-        start_udp_relay(udp_sockets, config.udp_timeout, udp_flows)?;
+        start_udp_relay(udp_sockets, config.udp_timeout, udp_flows.clone())?;
+    }
+    if let (Some(live), Some(claim)) = (&live, claim) {
+        live.update(|_| {});
+        let served = crate::instance::control::Served {
+            pid_ns: started.namespaces.pid.take(),
+            mnt_ns: started.namespaces.mnt.take(),
+            ports: live.clone(),
+        };
+        let listener = claim
+            .control()
+            .map_err(LaunchError::io("copy the control socket"))?;
+        crate::instance::control::serve(listener, served).map_err(|err| {
+            LaunchError::Resources(format!(
+                "cannot start lowport's control thread: {err}; the command was stopped (the limit on this user's processes and threads, ulimit -u, may be reached)"
+            ))
+        })?;
     }
     if let (false, Some(channel)) = (outward.inner.is_empty(), outward.channel) {
         let host = channel.into_async().map_err(LaunchError::io(
@@ -563,9 +674,12 @@ async fn supervise(
         };
         report_ready(fd, started.child_pid, &bound, reaching);
     }
-    let status = wait_forwarding_signals(&signals, &started).await?;
+    let status = wait_forwarding_signals(&signals, &started).await;
+    if let Some(live) = &live {
+        live.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     drop(started);
-    Ok(status)
+    status
 }
 
 /// Runs the UDP relays on a thread of their own, with a runtime of its own: a flood of datagrams from
@@ -573,7 +687,7 @@ async fn supervise(
 /// delay every TCP connection (tokio looks for new I/O events only between task polls). Apart, the
 /// kernel shares the CPUs between the two, and TCP stays as quick as without the flood.
 fn start_udp_relay(
-    sockets: Vec<(std::net::UdpSocket, Target, RelayControl)>,
+    sockets: Vec<UdpRelayed>,
     idle: std::time::Duration,
     budget: udp::FlowBudget,
 ) -> Result<(), LaunchError> {
@@ -591,19 +705,27 @@ fn start_udp_relay(
                 return;
             };
             runtime.block_on(async move {
-                for (socket, target, control) in sockets {
+                for (socket, target, control, removal) in sockets {
                     match tokio::net::UdpSocket::from_std(socket) {
                         Ok(socket) => {
-                            let (shutdown, done) = control.split();
+                            let (shutdown, done) = match control {
+                                Some(control) => {
+                                    let (shutdown, done) = control.split();
+                                    (futures_either(Some(shutdown)), Some(done))
+                                }
+                                None => (futures_either(None), None),
+                            };
+                            let stop = async move {
+                                match removal {
+                                    Some(removal) => tokio::select! {
+                                        () = shutdown => {}
+                                        () = crate::instance::live::removed(removal) => {}
+                                    },
+                                    None => shutdown.await,
+                                }
+                            };
                             let budget = budget.clone();
-                            tokio::spawn(udp::serve(
-                                socket,
-                                target,
-                                idle,
-                                budget,
-                                shutdown,
-                                Some(done),
-                            ));
+                            tokio::spawn(udp::serve(socket, target, idle, budget, stop, done));
                         }
                         Err(err) => warn!(
                             ?err,
@@ -629,6 +751,43 @@ fn start_udp_relay(
             )))
         }
     }
+}
+
+/// A UDP host socket for [`start_udp_relay`]: where it goes, the handoff's stop switch (none for a
+/// port added later) and `lowport port rm`'s.
+type UdpRelayed = (
+    std::net::UdpSocket,
+    Target,
+    Option<RelayControl>,
+    Option<tokio::sync::oneshot::Receiver<()>>,
+);
+
+/// `shutdown`, or a future that never resolves.
+async fn futures_either(shutdown: Option<impl std::future::Future<Output = ()>>) {
+    match shutdown {
+        Some(shutdown) => shutdown.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Relays a UDP port added while the command runs (see `instance::live`).
+pub(crate) fn start_udp_relay_removable(
+    sockets: Vec<(
+        std::net::UdpSocket,
+        Target,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
+    idle: std::time::Duration,
+    budget: udp::FlowBudget,
+) -> Result<(), LaunchError> {
+    start_udp_relay(
+        sockets
+            .into_iter()
+            .map(|(s, t, r)| (s, t, None, Some(r)))
+            .collect(),
+        idle,
+        budget,
+    )
 }
 
 /// Forwards signals to the pid-1 helper until it exits, and returns the status lowport exits with.
@@ -1017,6 +1176,7 @@ mod tests {
             host_loopback: Vec::new(),
             net: Net::None,
             dns: false,
+            name: None,
             command: vec!["true".into()],
         }
     }

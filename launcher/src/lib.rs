@@ -35,6 +35,7 @@ pub mod handoff;
 pub mod host;
 pub mod hostside;
 pub mod init;
+pub mod instance;
 pub mod launch;
 pub mod netns;
 pub mod outward;

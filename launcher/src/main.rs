@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use lowport::cli::{Cli, Command};
+use lowport::cli::{Cli, Command, PortCommand};
+use lowport::instance::client::{self, ClientError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -12,7 +13,10 @@ fn main() -> ExitCode {
         eprintln!("lowport: {message}");
         return ExitCode::from(2);
     }
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        other => return instance_command(other),
+    };
     let config = lowport::Config {
         publish: args.publish,
         userns: args.userns,
@@ -28,9 +32,40 @@ fn main() -> ExitCode {
         host_loopback: args.host_loopback,
         net: args.net,
         dns: args.dns,
+        name: args.name,
         command: args.command,
     };
     match lowport::run(config) {
+        Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("lowport: {err}");
+            ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}
+
+/// `ps`, `exec`, `stop` and `port`: the commands that reach a running instance.
+fn instance_command(command: Command) -> ExitCode {
+    let outcome = lowport::instance::root()
+        .map_err(ClientError::from)
+        .and_then(|root| {
+            let mut out = std::io::stdout().lock();
+            match command {
+                Command::Ps { json } => client::ps(&root, json, &mut out).map(|()| 0),
+                Command::Exec { name, command } => client::exec(&root, &name, &command),
+                Command::Stop { name, time } => {
+                    client::stop(&root, &name, std::time::Duration::from_secs(time)).map(|()| 0)
+                }
+                Command::Port(PortCommand::Add { name, spec }) => {
+                    client::port_add(&root, &name, &spec, &mut out).map(|()| 0)
+                }
+                Command::Port(PortCommand::Rm { name, spec }) => {
+                    client::port_rm(&root, &name, &spec, &mut out).map(|()| 0)
+                }
+                Command::Run(_) => unreachable!("run is handled by main"),
+            }
+        });
+    match outcome {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
         Err(err) => {
             eprintln!("lowport: {err}");

@@ -19,19 +19,24 @@ pub enum CloneResult {
     Child,
 }
 
-/// Creates a child process in a new pid namespace, like `fork()` but with `CLONE_NEWPID`.
+/// Creates a child process in a new pid namespace, like `fork()` but with `CLONE_NEWPID`, and with
+/// `mount_ns` in a new mount namespace too (for its private /proc).
 ///
 /// `unshare(CLONE_NEWPID)` would be simpler, but afterwards the kernel refuses to create threads in the
 /// calling process (their pid namespace would differ from the process's), and the launcher needs threads
 /// for its runtime. A raw `clone` with `CLONE_NEWPID` puts only the child in the new namespace, as
-/// bubblewrap does.
+/// bubblewrap does. The same holds for the mount namespace: the launcher keeps the host's /proc, whose
+/// pids are the ones the seccomp notifications and pidfds speak of.
 ///
 /// Fails unless the process has exactly one thread: that is what makes the call sound,
 /// since a child of a multi-threaded process could inherit a lock (the allocator's, stdio's) held by a
 /// thread that does not exist in the child. With one thread, the child may run any code.
-pub fn clone_into_new_pid_namespace() -> io::Result<CloneResult> {
+pub fn clone_into_new_pid_namespace(mount_ns: bool) -> io::Result<CloneResult> {
     ensure_single_threaded()?;
-    let flags = (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong;
+    let mut flags = (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong;
+    if mount_ns {
+        flags |= libc::CLONE_NEWNS as libc::c_ulong;
+    }
     // SAFETY: a raw clone without CLONE_VM and with a null stack duplicates the process like fork();
     // the process has one thread (checked above, and no other thread can appear meanwhile since only
     // this one could create it), so the child inherits no lock held by a thread it lacks.
@@ -41,6 +46,76 @@ pub fn clone_into_new_pid_namespace() -> io::Result<CloneResult> {
         0 => Ok(CloneResult::Child),
         pid => Ok(CloneResult::Parent(nix::unistd::Pid::from_raw(pid as i32))),
     }
+}
+
+/// In a mount namespace of its own: stops mounts from propagating back to the host's namespace, then
+/// mounts a procfs of the caller's pid namespace over /proc. The kernel refuses the procfs where the
+/// host's /proc has parts hidden under other mounts (as container runtimes mask /proc/kcore and
+/// others): a new procfs would reveal them.
+pub fn mount_private_proc() -> io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+/// Takes an exclusive `flock(2)` on `fd` without waiting: `Ok(false)` when another open file holds
+/// it. The lock belongs to the open file description, and lasts until its last descriptor closes.
+pub fn try_lock_exclusive(fd: std::os::fd::BorrowedFd) -> io::Result<bool> {
+    // SAFETY: flock only reads the descriptor number, which the borrow keeps open.
+    let ret = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Sends `signal` to the process `pidfd` refers to (pidfd_send_signal(2)): unlike kill(2), never to
+/// a process that took over a reused pid.
+pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: a descriptor, a signal number, a null siginfo (the kernel fills it as for kill) and
+    // no flags; no memory is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Joins the namespace `fd` refers to (setns(2)); the kind is the file's own.
+pub fn setns(fd: std::os::fd::BorrowedFd) -> io::Result<()> {
+    nix::sched::setns(fd, nix::sched::CloneFlags::empty())?;
+    Ok(())
+}
+
+/// The target of the symbolic link `name` in the directory `dir`.
+pub fn readlink_at(dir: std::os::fd::BorrowedFd, name: &str) -> io::Result<std::ffi::OsString> {
+    Ok(nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name)?)
 }
 
 /// Forks a plain child process.
@@ -181,6 +256,15 @@ pub fn reset_signal_to_default(sig: nix::sys::signal::Signal) {
     // SAFETY: installing SIG_DFL does not involve any handler code.
     unsafe {
         let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
+    }
+}
+
+/// Ignores `sig` in this process (children get the default back at exec only for handled signals,
+/// so call this after spawning them).
+pub fn ignore_signal(sig: nix::sys::signal::Signal) {
+    // SAFETY: installing SIG_IGN does not involve any handler code.
+    unsafe {
+        let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn);
     }
 }
 

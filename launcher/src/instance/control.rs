@@ -1,0 +1,340 @@
+//! The running lowport's side of the control socket: one thread that answers [`Request`]s from
+//! `lowport exec`, `stop` and `port` ([`super::client`]).
+//!
+//! Each request is one `SOCK_SEQPACKET` message of JSON, and each reply one message, with descriptors
+//! attached where the request needs them: the namespaces for `exec`, the host sockets a `port add`
+//! bound. The caller must be the user who started lowport, whatever the directory's mode says:
+//! `SO_PEERCRED` gives its uid.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use super::PortState;
+use crate::publish::{Protocol, PublishSpec};
+use crate::sys;
+
+/// The largest message either side sends.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// What a client asks.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// The namespaces to join: user, network, pid and mount, in that order (the last two when the
+    /// command has them).
+    Exec,
+    /// Stop the command, as SIGTERM to lowport would.
+    Stop,
+    /// Publish `spec` through the host sockets attached, which the client bound.
+    PortAdd { spec: String },
+    /// Stop publishing the host port `spec` names.
+    PortRm { spec: String },
+}
+
+/// What the instance answers.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// The namespaces are attached, in the order of `kinds`.
+    Namespaces {
+        kinds: Vec<String>,
+    },
+    /// SIGTERM is on its way to the command; the connection closes when lowport exits.
+    Stopping {
+        pid: u32,
+    },
+    /// The ports published now.
+    Ports {
+        ports: Vec<PortState>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Adds and removes published ports while the command runs; `launch` implements it, since it owns
+/// the relays.
+pub trait LivePorts: Send + Sync {
+    fn add(&self, spec: PublishSpec, sockets: Vec<OwnedFd>) -> Result<Vec<PortState>, String>;
+    fn remove(&self, which: &HostPort) -> Result<Vec<PortState>, String>;
+}
+
+/// A published host port as `lowport port rm` names it: `[HOST_IP:]HOST_PORT[/tcp|udp]`, or a whole
+/// `-p` spec, whose inner port is then ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub protocol: Protocol,
+}
+
+impl HostPort {
+    pub fn matches(&self, protocol: Protocol, addr: std::net::SocketAddr) -> bool {
+        protocol == self.protocol
+            && addr.port() == self.host_port
+            && self.host_ip.is_none_or(|ip| ip == addr.ip())
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostPort, String> {
+        if let Ok(spec) = text.parse::<PublishSpec>() {
+            return Ok(HostPort {
+                host_ip: spec.host_ip,
+                host_port: spec.host_port,
+                protocol: spec.protocol,
+            });
+        }
+        let bad = || {
+            format!("'{text}' names no host port; write HOST_PORT[/tcp|udp], HOST_IP:HOST_PORT, or the -p spec it was published with")
+        };
+        let (rest, protocol) = match text.rsplit_once('/') {
+            Some((rest, "tcp")) => (rest, Protocol::Tcp),
+            Some((rest, "udp")) => (rest, Protocol::Udp),
+            Some(_) => return Err(bad()),
+            None => (text, Protocol::Tcp),
+        };
+        let (ip, port) = match rest.rsplit_once(':') {
+            Some((ip, port)) => {
+                let ip = ip.trim_start_matches('[').trim_end_matches(']');
+                (Some(ip.parse::<IpAddr>().map_err(|_| bad())?), port)
+            }
+            None => (None, rest),
+        };
+        let host_port: u16 = port.parse().map_err(|_| bad())?;
+        if host_port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host_ip: ip,
+            host_port,
+            protocol,
+        })
+    }
+}
+
+/// What the control thread needs from the launch.
+pub struct Served {
+    /// The pid-1 helper's pid and mount namespaces (see `init::Namespaces`).
+    pub pid_ns: Option<OwnedFd>,
+    pub mnt_ns: Option<OwnedFd>,
+    pub ports: Arc<dyn LivePorts>,
+}
+
+/// Makes the listening control socket at `path`, close-on-exec. Only this user may connect: the
+/// directory is 0700 and the socket itself 0600.
+pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    socket::bind(sock.as_raw_fd(), &addr)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    socket::listen(&sock, Backlog::new(16).unwrap_or(Backlog::MAXCONN))?;
+    Ok(sock)
+}
+
+/// Answers requests on `listener` on a thread of its own, one connection at a time, for as long as
+/// lowport runs.
+pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("lowport-control".into())
+        .spawn(move || {
+            // Connections of `stop` stay open until lowport exits: their end-of-file tells the
+            // client the instance has ended.
+            let mut held = Vec::new();
+            loop {
+                let conn = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                    Ok(fd) => unsafe { sys::own_raw(fd) },
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                    Err(err) => {
+                        warn!(?err, "the control socket failed; lowport exec, stop and port no longer reach this instance");
+                        return;
+                    }
+                };
+                if let Some(keep) = answer(&conn, &served) {
+                    held.push(keep);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Answers one connection; returns it when it must stay open.
+fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
+    // A client that connects and says nothing must not keep the others waiting.
+    let timeout = nix::sys::time::TimeVal::new(5, 0);
+    let _ = socket::setsockopt(conn, sockopt::ReceiveTimeout, &timeout);
+    match socket::getsockopt(conn, sockopt::PeerCredentials) {
+        // Both uids as this user namespace sees them: the user who started lowport is its uid 0,
+        // another user is unmapped (65534) or one of the user's own subordinate ids.
+        Ok(cred) if cred.uid() == nix::unistd::getuid().as_raw() => {}
+        other => {
+            debug!(?other, "control connection from another user refused");
+            reply(
+                conn,
+                &Reply::Error {
+                    message: "this instance belongs to another user".into(),
+                },
+                &[],
+            );
+            return None;
+        }
+    }
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (n, fds) = match sys::recv_with_fds(conn.as_fd(), &mut buf) {
+        Ok(got) => got,
+        Err(err) => {
+            debug!(?err, "control request not read");
+            return None;
+        }
+    };
+    let request: Request = match serde_json::from_slice(&buf[..n]) {
+        Ok(r) => r,
+        Err(err) => {
+            reply(
+                conn,
+                &Reply::Error {
+                    message: format!("not a request: {err}"),
+                },
+                &[],
+            );
+            return None;
+        }
+    };
+    debug!(?request, "control request");
+    match request {
+        Request::Exec => {
+            let own = |kind: &str| {
+                std::fs::File::open(format!("/proc/thread-self/ns/{kind}")).map(OwnedFd::from)
+            };
+            let (user, net) = match (own("user"), own("net")) {
+                (Ok(u), Ok(n)) => (u, n),
+                (Err(err), _) | (_, Err(err)) => {
+                    reply(
+                        conn,
+                        &Reply::Error {
+                            message: format!("cannot open the instance's namespaces: {err}"),
+                        },
+                        &[],
+                    );
+                    return None;
+                }
+            };
+            let mut kinds = vec!["user".to_owned(), "net".to_owned()];
+            let mut fds = vec![user.as_fd(), net.as_fd()];
+            if let Some(pid) = &served.pid_ns {
+                kinds.push("pid".into());
+                fds.push(pid.as_fd());
+            }
+            if let Some(mnt) = &served.mnt_ns {
+                kinds.push("mnt".into());
+                fds.push(mnt.as_fd());
+            }
+            reply(conn, &Reply::Namespaces { kinds }, &fds);
+            None
+        }
+        Request::Stop => {
+            let pid = std::process::id();
+            reply(conn, &Reply::Stopping { pid }, &[]);
+            // As if the user had sent SIGTERM: the supervisor forwards it to the command, and lowport
+            // exits with the command's status.
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+            conn.try_clone().ok()
+        }
+        Request::PortAdd { spec } => {
+            let answer = spec
+                .parse::<PublishSpec>()
+                .map_err(|e| e.to_string())
+                .and_then(|spec| {
+                    if fds.is_empty() {
+                        Err("no host socket came with the request".into())
+                    } else {
+                        served.ports.add(spec, fds)
+                    }
+                });
+            reply(conn, &ports_reply(answer), &[]);
+            None
+        }
+        Request::PortRm { spec } => {
+            let answer = spec
+                .parse::<HostPort>()
+                .and_then(|which| served.ports.remove(&which));
+            reply(conn, &ports_reply(answer), &[]);
+            None
+        }
+    }
+}
+
+fn ports_reply(answer: Result<Vec<PortState>, String>) -> Reply {
+    match answer {
+        Ok(ports) => Reply::Ports { ports },
+        Err(message) => Reply::Error { message },
+    }
+}
+
+fn reply(conn: &OwnedFd, reply: &Reply, fds: &[std::os::fd::BorrowedFd]) {
+    let text = serde_json::to_vec(reply).unwrap_or_default();
+    if let Err(err) = sys::send_with_fds(conn.as_raw_fd(), &text, fds) {
+        debug!(?err, "control reply not sent");
+    }
+}
+
+/// How long a client waits for an answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ports_are_parsed() {
+        let p: HostPort = "8080".parse().unwrap();
+        assert_eq!(
+            (p.host_ip, p.host_port, p.protocol),
+            (None, 8080, Protocol::Tcp)
+        );
+        let p: HostPort = "5353/udp".parse().unwrap();
+        assert_eq!((p.host_port, p.protocol), (5353, Protocol::Udp));
+        let p: HostPort = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(p.host_ip, Some("127.0.0.1".parse().unwrap()));
+        let p: HostPort = "[::1]:8080/tcp".parse().unwrap();
+        assert_eq!(p.host_ip, Some("::1".parse().unwrap()));
+        let p: HostPort = "127.0.0.1:8081:80/udp".parse().unwrap();
+        assert_eq!((p.host_port, p.protocol), (8081, Protocol::Udp));
+        for bad in ["", "0", "x", "80/sctp", "host:80", "70000"] {
+            assert!(bad.parse::<HostPort>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let text = serde_json::to_string(&Request::PortAdd {
+            spec: "8081:80".into(),
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"request":"port_add","spec":"8081:80"}"#);
+        let back: Request = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            back,
+            Request::PortAdd {
+                spec: "8081:80".into()
+            }
+        );
+    }
+}

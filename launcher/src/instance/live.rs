@@ -1,0 +1,243 @@
+//! The published ports of a running instance, as `lowport port add|rm` changes them, and the
+//! `state.json` that `lowport ps` reads.
+//!
+//! A port added while the command runs is always relayed: the server bound its sockets long ago, so
+//! there is no bind left to answer with the host socket.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{debug, warn};
+
+use super::control::{HostPort, LivePorts};
+use super::{PortState, State};
+use crate::forward::{self, Target};
+use crate::publish::{Protocol, PublishSpec};
+
+/// How a relay for an added port is set up, as for the ports published at start.
+pub struct RelaySetup {
+    pub handle: tokio::runtime::Handle,
+    pub tcp_limit: Arc<tokio::sync::Semaphore>,
+    pub options: forward::Options,
+    pub preserve_source: bool,
+    pub udp_timeout: std::time::Duration,
+    pub udp_flows: crate::udp::FlowBudget,
+}
+
+/// One published host socket.
+struct Entry {
+    spec: PublishSpec,
+    addr: SocketAddr,
+    mode: &'static str,
+    /// lowport's own copy of the socket: `rm` shuts a handed-over listener down through it.
+    copy: Option<OwnedFd>,
+    /// Stops the relay, which then closes its copy.
+    remove: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The ports, and where their state is written.
+pub struct Live {
+    entries: Mutex<Vec<Entry>>,
+    state: Mutex<State>,
+    dir: PathBuf,
+    /// Set when lowport ends: the directory is about to go, and must not be written again.
+    pub closed: AtomicBool,
+    relay: RelaySetup,
+}
+
+/// What a relay task waits on besides its own shutdown: `port rm`. A dropped sender (no instance)
+/// never stops it.
+pub async fn removed(rx: tokio::sync::oneshot::Receiver<()>) {
+    if rx.await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Live {
+    pub fn new(dir: PathBuf, state: State, relay: RelaySetup) -> Live {
+        Live {
+            entries: Mutex::new(Vec::new()),
+            state: Mutex::new(state),
+            dir,
+            closed: AtomicBool::new(false),
+            relay,
+        }
+    }
+
+    /// Records a port published at start; returns the receiver its relay must also stop on.
+    pub fn track(
+        &self,
+        spec: &PublishSpec,
+        addr: SocketAddr,
+        mode: &'static str,
+        copy: Option<OwnedFd>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock_entries().push(Entry {
+            spec: spec.clone(),
+            addr,
+            mode,
+            copy,
+            remove: Some(tx),
+        });
+        rx
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ports(&self) -> Vec<PortState> {
+        self.lock_entries()
+            .iter()
+            .map(|e| PortState {
+                protocol: e.spec.protocol.to_string(),
+                host_ip: e.addr.ip().to_string(),
+                host_port: e.addr.port(),
+                port: e.spec.port,
+                mode: e.mode.to_owned(),
+            })
+            .collect()
+    }
+
+    /// Sets the command's pid, or readiness, and writes `state.json` again.
+    pub fn update(&self, change: impl FnOnce(&mut State)) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut state);
+        self.write(&mut state);
+    }
+
+    fn write(&self, state: &mut State) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        state.ports = self.ports();
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join(".state.json.tmp");
+        let result = std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                serde_json::to_writer_pretty(&mut f, &*state).map_err(std::io::Error::from)?;
+                std::io::Write::write_all(&mut f, b"\n")
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(err) = result {
+            warn!(?err, path = %path.display(), "cannot write the instance's state; lowport ps shows it without");
+        }
+    }
+
+    fn rewrite(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(&mut state);
+    }
+}
+
+impl LivePorts for Live {
+    fn add(&self, spec: PublishSpec, sockets: Vec<OwnedFd>) -> Result<Vec<PortState>, String> {
+        let mut added = Vec::new();
+        for fd in sockets {
+            let socket = match spec.protocol {
+                Protocol::Tcp => {
+                    let listener = std::net::TcpListener::from(fd);
+                    crate::host::Bound::Tcp(listener)
+                }
+                Protocol::Udp => crate::host::Bound::Udp(std::net::UdpSocket::from(fd)),
+            };
+            let addr = match &socket {
+                crate::host::Bound::Tcp(l) => l.local_addr(),
+                crate::host::Bound::Udp(u) => u.local_addr(),
+            }
+            .map_err(|e| format!("the socket that came with the request: {e}"))?;
+            let duplicate = self
+                .lock_entries()
+                .iter()
+                .any(|e| e.spec.protocol == spec.protocol && e.addr == addr);
+            if duplicate {
+                return Err(format!("{addr}/{} is published already", spec.protocol));
+            }
+            // The relay uses it from its runtime, which wants non-blocking sockets.
+            crate::sys::set_nonblocking_flag(socket_fd(&socket), true)
+                .map_err(|e| format!("cannot use the socket: {e}"))?;
+            added.push((socket, addr));
+        }
+        for (socket, addr) in added {
+            let remove = self.track(&spec, addr, "relay", None);
+            let target = Target {
+                port: spec.port,
+                preserve_source: self.relay.preserve_source,
+            };
+            match socket {
+                crate::host::Bound::Tcp(listener) => {
+                    let limit = self.relay.tcp_limit.clone();
+                    let options = self.relay.options;
+                    let handle = self.relay.handle.clone();
+                    let _guard = handle.enter();
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .map_err(|e| format!("cannot register the socket: {e}"))?;
+                    handle.spawn(async move {
+                        forward::serve(listener, target, options, limit, removed(remove)).await;
+                    });
+                }
+                crate::host::Bound::Udp(socket) => {
+                    crate::launch::start_udp_relay_removable(
+                        vec![(socket, target, remove)],
+                        self.relay.udp_timeout,
+                        self.relay.udp_flows.clone(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+            }
+            debug!(%addr, port = spec.port, protocol = %spec.protocol, "port added");
+        }
+        self.rewrite();
+        Ok(self.ports())
+    }
+
+    fn remove(&self, which: &HostPort) -> Result<Vec<PortState>, String> {
+        let mut entries = self.lock_entries();
+        let before = entries.len();
+        let mut kept = Vec::new();
+        for mut entry in entries.drain(..) {
+            if !which.matches(entry.spec.protocol, entry.addr) {
+                kept.push(entry);
+                continue;
+            }
+            if let Some(remove) = entry.remove.take() {
+                let _ = remove.send(());
+            }
+            // A listener the server holds: shutting it down stops it for every holder, the server
+            // included, whose accept then fails; new clients are refused.
+            if let Some(copy) = entry.copy.take() {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&copy),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
+            debug!(addr = %entry.addr, "port removed");
+        }
+        let removed = before - kept.len();
+        *entries = kept;
+        drop(entries);
+        if removed == 0 {
+            return Err(format!(
+                "no published port matches {}{}/{}; published: {}",
+                which.host_ip.map_or(String::new(), |ip| format!("{ip}:")),
+                which.host_port,
+                which.protocol,
+                self.ports()
+                    .iter()
+                    .map(super::client::port_text)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        self.rewrite();
+        Ok(self.ports())
+    }
+}
+
+fn socket_fd(socket: &crate::host::Bound) -> std::os::fd::BorrowedFd<'_> {
+    socket.as_fd()
+}

@@ -1,0 +1,412 @@
+//! Named instances and a private /proc: `lowport ps`, `exec`, `stop` and `port`, all as the
+//! unprivileged user who started the instance, each test with its own XDG_RUNTIME_DIR.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lowport_tests::*;
+
+/// An XDG_RUNTIME_DIR of 65534's own, as a login session would give it.
+struct Runtime(TempDir);
+
+impl Runtime {
+    fn new(tag: &str) -> Runtime {
+        let dir = TempDir::new(tag, Some((NOBODY, NOBODY)));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        Runtime(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// `lowport ARGS` as 65534 with this runtime directory.
+    fn lowport(&self, args: &[&str]) -> Command {
+        let mut cmd = lowport();
+        cmd.env("XDG_RUNTIME_DIR", self.path()).args(args);
+        cmd
+    }
+
+    /// Runs `lowport ARGS` to the end: (status, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        run_to_end(&mut self.lowport(args))
+    }
+
+    fn instance_dir(&self, name: &str) -> PathBuf {
+        self.path().join("lowport").join(name)
+    }
+}
+
+fn python() -> &'static str {
+    "/usr/bin/python3"
+}
+
+/// `lowport run --name NAME OPTIONS --ready-fd 3 -- python3 -m http.server 80`, ready.
+fn start_http(rt: &Runtime, name: &str, options: &[&str]) -> Launch {
+    let mut cmd = rt.lowport(&["run", "--name", name, "-p", "127.0.0.1:0:80"]);
+    cmd.args(options)
+        .args(["--ready-fd", "3", "--", python(), "-m", "http.server", "80"])
+        .current_dir("/");
+    let launch = Launch::start(cmd);
+    eventually("the server to answer", || {
+        matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))).then_some(())
+    });
+    launch
+}
+
+#[test]
+fn ps_lists_a_named_instance_and_forgets_it_when_it_ends() {
+    let rt = Runtime::new("inst-ps");
+    let mut launch = start_http(&rt, "web", &["--forward", "relay"]);
+    let (code, out, err) = rt.run(&["ps"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no line for web in:\n{out}"));
+    assert!(line.contains(&launch.child.id().to_string()), "{line}");
+    assert!(
+        line.contains(&format!("127.0.0.1:{}->80/tcp (relay)", launch.host_port())),
+        "{line}"
+    );
+    assert!(line.contains("http.server"), "{line}");
+    let (_, json, _) = rt.run(&["ps", "--json"]);
+    let states: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(states[0]["name"], "web");
+    assert_eq!(states[0]["pid"], launch.child.id());
+    assert_eq!(states[0]["ports"][0]["host_port"], launch.host_port());
+    // Only the user may enter the state directory.
+    let meta = fs::metadata(rt.instance_dir("web")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+
+    launch.signal(nix::sys::signal::Signal::SIGTERM);
+    launch.wait();
+    assert!(
+        !rt.instance_dir("web").exists(),
+        "the state directory outlived lowport"
+    );
+    let (_, out, _) = rt.run(&["ps"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+#[test]
+fn a_killed_instance_is_cleaned_up_and_its_name_is_free_again() {
+    let rt = Runtime::new("inst-kill");
+    let mut launch = start_http(&rt, "web", &[]);
+    launch.signal(nix::sys::signal::Signal::SIGKILL);
+    launch.wait();
+    assert!(rt.instance_dir("web").join("state.json").exists());
+    let (code, out, _) = rt.run(&["ps"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("web"), "a dead instance is listed:\n{out}");
+    assert!(
+        !rt.instance_dir("web").exists(),
+        "ps left the stale directory"
+    );
+    let _again = start_http(&rt, "web", &[]);
+}
+
+#[test]
+fn names_are_unique_and_derived_from_the_command() {
+    let rt = Runtime::new("inst-names");
+    let _web = start_http(&rt, "web", &[]);
+    let (code, _, err) = rt.run(&["run", "--name", "web", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("an instance named 'web' is already running")
+            && err.contains("lowport stop web"),
+        "{err}"
+    );
+    let (code, _, err) = rt.run(&["run", "--name", "../x", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a valid name"), "{err}");
+
+    // Without --name: the program's name, then -2.
+    let mut cmd = rt.lowport(&["run", "--ready-fd", "3", "--", "/bin/sleep", "30"]);
+    cmd.current_dir("/");
+    let _first = Launch::start(cmd);
+    let mut cmd = rt.lowport(&["run", "--ready-fd", "3", "--", "/bin/sleep", "30"]);
+    cmd.current_dir("/");
+    let _second = Launch::start(cmd);
+    let (_, out, _) = rt.run(&["ps"]);
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, ["sleep", "sleep-2", "web"], "{out}");
+}
+
+#[test]
+fn ps_inside_lists_only_the_commands_processes() {
+    let (code, out, err) =
+        run_to_end(lowport().args(["run", "--", "/bin/ps", "-e", "-o", "pid=,comm="]));
+    assert_eq!(code, 0, "{err}");
+    let procs: Vec<(u32, String)> = out
+        .lines()
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            (
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    // pid 1 is lowport's helper, pid 2 the command; nothing of the host.
+    assert_eq!(procs.len(), 2, "{out}");
+    assert_eq!(procs[0].0, 1);
+    assert_eq!(procs[1], (2, "ps".to_owned()));
+    assert!(!err.contains("private /proc"), "{err}");
+    // /proc/<getpid()> is the process itself, and /proc/1 is not the host's init.
+    let (code, out, err) = run_to_end(lowport().args([
+        "run",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $$; cat /proc/$$/comm; cat /proc/1/cmdline | tr '\\0' ' '",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "2", "{out}");
+    assert_eq!(lines[1], "sh", "{out}");
+    assert!(lines[2].contains("lowport"), "{out}");
+    // Nothing changed on the host's side: its /proc is still the host's.
+    assert!(Path::new(&format!("/proc/{}", std::process::id())).exists());
+}
+
+#[test]
+fn exec_runs_a_command_in_the_namespaces_as_root() {
+    let rt = Runtime::new("inst-exec");
+    let launch = start_http(&rt, "web", &["--forward", "relay"]);
+    let (code, out, err) = rt.run(&[
+        "exec",
+        "web",
+        "--",
+        "/bin/sh",
+        "-c",
+        "id -u; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; ps -e -o comm= | sort | tr '\\n' ' '",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    assert_eq!(lines[1], "0", "{out}");
+    // The instance's pid namespace and private /proc: its processes, and the exec'd ones.
+    assert!(
+        lines[2].contains("python3") && lines[2].contains("lowport"),
+        "{out}"
+    );
+    assert!(
+        !lines[2].contains("cargo"),
+        "the host's processes show: {out}"
+    );
+    // The server on its inner port, from inside.
+    let script =
+        "import urllib.request,sys; print(urllib.request.urlopen('http://127.0.0.1:80/').status)";
+    let (code, out, err) = rt.run(&["exec", "web", "--", python(), "-c", script]);
+    assert_eq!((code, out.trim()), (0, "200"), "{err}");
+    // The command's own status comes back.
+    let (code, _, _) = rt.run(&["exec", "web", "--", "/bin/sh", "-c", "exit 7"]);
+    assert_eq!(code, 7);
+    let (code, _, err) = rt.run(&["exec", "web", "--", "/nonexistent"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("command not found"), "{err}");
+    let (code, _, err) = rt.run(&["exec", "nope", "--", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no instance named 'nope'") && err.contains("web"),
+        "{err}"
+    );
+    drop(launch);
+}
+
+#[test]
+fn exec_reloads_nginx_through_its_pid_file() {
+    if !require(nginx_bin().is_some(), "nginx (apt-get install nginx-light)") {
+        return;
+    }
+    let rt = Runtime::new("inst-nginx");
+    let dir = TempDir::new("inst-nginx-conf", Some((NOBODY, NOBODY)));
+    let d = dir.path().display();
+    dir.write(
+        "nginx.conf",
+        &format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root root;\npid {d}/nginx.pid;\n\
+             error_log stderr notice;\nevents {{ worker_connections 64; }}\nhttp {{\n\
+             access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{ listen 80; location / {{ return 200 \"hello\\n\"; }} }}\n}}\n"
+        ),
+    );
+    let mut cmd = rt.lowport(&[
+        "run",
+        "--name",
+        "web",
+        "-p",
+        "127.0.0.1:0:80",
+        "--ready-fd",
+        "3",
+        "--",
+    ]);
+    cmd.args(nginx_command(&dir)).current_dir("/");
+    let mut launch = Launch::start(cmd);
+    eventually("nginx to answer", || {
+        matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))).then_some(())
+    });
+    let pid_file = fs::read_to_string(dir.path().join("nginx.pid")).unwrap();
+    // The pid file holds nginx's pid in its own namespace.
+    assert_eq!(pid_file.trim(), "2");
+    let mut reload = rt.lowport(&["exec", "web", "--"]);
+    reload.args(nginx_command(&dir)).args(["-s", "reload"]);
+    let (code, _, err) = run_to_end(&mut reload);
+    assert_eq!(code, 0, "nginx -s reload failed: {err}");
+    eventually("nginx to answer after the reload", || {
+        matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))).then_some(())
+    });
+    launch.signal(nix::sys::signal::Signal::SIGTERM);
+    launch.wait();
+    let err = launch.stderr();
+    assert!(
+        err.contains("signal 1 (SIGHUP) received"),
+        "no reload in nginx's log:\n{err}"
+    );
+}
+
+#[test]
+fn port_add_publishes_a_new_port_and_rm_withdraws_it() {
+    let rt = Runtime::new("inst-port");
+    let launch = start_http(&rt, "web", &["--forward", "relay"]);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let spec = format!("127.0.0.1:{port}:80");
+    let (code, out, err) = rt.run(&["port", "add", "web", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("127.0.0.1:{port}->80/tcp (relay)")),
+        "{out}"
+    );
+    let added: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (status, _) = http(added, "GET", "/", b"").expect("the added port answers");
+    assert_eq!(status, 200);
+    let (_, ps, _) = rt.run(&["ps"]);
+    assert!(ps.contains(&format!("127.0.0.1:{port}->80/tcp")), "{ps}");
+
+    // The same host port again: in use.
+    let (code, _, err) = rt.run(&["port", "add", "web", &spec]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already in use"), "{err}");
+
+    let (code, out, err) = rt.run(&["port", "rm", "web", &format!("{port}")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(&format!(":{port}->")), "{out}");
+    eventually("the removed port to refuse", || {
+        std::net::TcpStream::connect_timeout(&added, Duration::from_secs(1))
+            .is_err()
+            .then_some(())
+    });
+    // Removed, the host port is free again, for anyone.
+    eventually("the removed port to be free", || {
+        std::net::TcpListener::bind(added).ok().map(drop)
+    });
+    // The first port still works.
+    assert!(matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))));
+    let (code, _, err) = rt.run(&["port", "rm", "web", &format!("{port}")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no published port matches"), "{err}");
+    let (code, _, err) = rt.run(&["port", "add", "web", "nonsense"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn stop_stops_the_command_and_waits_for_lowport() {
+    let rt = Runtime::new("inst-stop");
+    let mut launch = start_http(&rt, "web", &[]);
+    let (code, _, err) = rt.run(&["stop", "web"]);
+    assert_eq!(code, 0, "{err}");
+    // stop returned only once lowport had exited: no waiting here.
+    let status = launch.child.try_wait().unwrap();
+    let status = status.unwrap_or_else(|| {
+        // The zombie is reaped by this test, so try_wait may need an instant.
+        launch.wait()
+    });
+    assert_eq!(exit_code(status), 128 + 15, "python3 dies of the SIGTERM");
+    assert!(!rt.instance_dir("web").exists());
+    let (code, _, err) = rt.run(&["stop", "web"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no instance named 'web'"), "{err}");
+}
+
+#[test]
+fn stop_kills_an_instance_whose_command_ignores_sigterm() {
+    let rt = Runtime::new("inst-stubborn");
+    let mut cmd = rt.lowport(&[
+        "run",
+        "--name",
+        "stubborn",
+        "--ready-fd",
+        "3",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 0.1; done",
+    ]);
+    cmd.current_dir("/");
+    let mut launch = Launch::start(cmd);
+    let (code, _, err) = rt.run(&["stop", "--time", "1", "stubborn"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("did not stop within 1 s") && err.contains("killed"),
+        "{err}"
+    );
+    let status = launch.wait();
+    assert_eq!(exit_code(status), 128 + 9);
+}
+
+#[test]
+fn another_user_cannot_reach_an_instance() {
+    if !require(is_root(), "root, to play another user") {
+        return;
+    }
+    let rt = Runtime::new("inst-other");
+    let _launch = start_http(&rt, "web", &[]);
+    // Another unprivileged user cannot even enter the directory.
+    if let Some((uid, gid)) = subid_user() {
+        let mut cmd = unprivileged_as(uid, gid, &lowport_bin());
+        cmd.env("XDG_RUNTIME_DIR", rt.path())
+            .args(["exec", "web", "--", "true"]);
+        let (code, _, err) = run_to_end(&mut cmd);
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("not safe") || err.contains("ermission denied"),
+            "{err}"
+        );
+    }
+    // Root can open the socket, but the instance checks who is calling.
+    let path = rt.instance_dir("web").join("control");
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).unwrap();
+    let _ = nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        br#"{"request":"exec"}"#,
+        nix::sys::socket::MsgFlags::empty(),
+    );
+    let mut buf = [0u8; 4096];
+    let n = nix::sys::socket::recv(
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.contains("belongs to another user"), "{reply}");
+}
