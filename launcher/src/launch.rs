@@ -584,12 +584,21 @@ async fn supervise(
     });
     let mut udp_sockets = Vec::new();
     let mut bound = Vec::new();
+    // With handoff, the handoff thread holds a copy of every host socket until the server binds it,
+    // and the server holds it after (see `handoff::Port`).
+    let handoff_holds = relays.iter().any(|(_, mode)| *mode == "handoff");
     for (socket, (control, mode)) in sockets.into_iter().zip(relays) {
         bound.push((socket.spec.clone(), socket.addr, mode));
-        let removal = live.as_ref().map(|live| {
-            let copy = socket.socket.as_fd().try_clone_to_owned().ok();
-            live.track(&socket.spec, socket.addr, mode, copy)
-        });
+        let held = if config.socket_activation {
+            Some("the command holds it (--socket-activation)")
+        } else if handoff_holds {
+            Some("it was published for handoff, and lowport's handoff keeps it for the server, or the server holds it")
+        } else {
+            None
+        };
+        let removal = live
+            .as_ref()
+            .map(|live| live.track(&socket.spec, socket.addr, mode, held));
         if config.socket_activation {
             // The command owns its copies now; lowport's copies only have to outlive the readiness
             // report, and closing them early would change nothing for the command.

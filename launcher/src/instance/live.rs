@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +33,10 @@ struct Entry {
     spec: PublishSpec,
     addr: SocketAddr,
     mode: &'static str,
-    /// lowport's own copy of the socket: `rm` shuts a handed-over listener down through it.
-    copy: Option<OwnedFd>,
+    /// Why `rm` cannot withdraw this port, when another holder keeps the socket: the handoff
+    /// thread (which keeps its copy until the server binds, then the server has it) or the command
+    /// (`--socket-activation`).
+    held: Option<&'static str>,
     /// Stops the relay, which then closes its copy.
     remove: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -73,14 +76,14 @@ impl Live {
         spec: &PublishSpec,
         addr: SocketAddr,
         mode: &'static str,
-        copy: Option<OwnedFd>,
+        held: Option<&'static str>,
     ) -> tokio::sync::oneshot::Receiver<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.lock_entries().push(Entry {
             spec: spec.clone(),
             addr,
             mode,
-            copy,
+            held,
             remove: Some(tx),
         });
         rx
@@ -197,6 +200,17 @@ impl LivePorts for Live {
 
     fn remove(&self, which: &HostPort) -> Result<Vec<PortState>, String> {
         let mut entries = self.lock_entries();
+        if let Some(entry) = entries
+            .iter()
+            .find(|e| which.matches(e.spec.protocol, e.addr) && e.held.is_some())
+        {
+            return Err(format!(
+                "host port {}/{} cannot be withdrawn while the command runs: {}; lowport port rm withdraws ports added with lowport port add and ports published with --forward relay",
+                entry.addr,
+                entry.spec.protocol,
+                entry.held.unwrap_or_default()
+            ));
+        }
         let before = entries.len();
         let mut kept = Vec::new();
         for mut entry in entries.drain(..) {
@@ -204,16 +218,9 @@ impl LivePorts for Live {
                 kept.push(entry);
                 continue;
             }
+            // The relay closes its socket, the only copy: the host port is free again at once.
             if let Some(remove) = entry.remove.take() {
                 let _ = remove.send(());
-            }
-            // A listener the server holds: shutting it down stops it for every holder, the server
-            // included, whose accept then fails; new clients are refused.
-            if let Some(copy) = entry.copy.take() {
-                let _ = nix::sys::socket::shutdown(
-                    std::os::fd::AsRawFd::as_raw_fd(&copy),
-                    nix::sys::socket::Shutdown::Both,
-                );
             }
             debug!(addr = %entry.addr, "port removed");
         }
@@ -221,16 +228,18 @@ impl LivePorts for Live {
         *entries = kept;
         drop(entries);
         if removed == 0 {
+            let published: Vec<String> =
+                self.ports().iter().map(super::client::port_text).collect();
             return Err(format!(
                 "no published port matches {}{}/{}; published: {}",
                 which.host_ip.map_or(String::new(), |ip| format!("{ip}:")),
                 which.host_port,
                 which.protocol,
-                self.ports()
-                    .iter()
-                    .map(super::client::port_text)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                if published.is_empty() {
+                    "none".to_owned()
+                } else {
+                    published.join(", ")
+                }
             ));
         }
         self.rewrite();
