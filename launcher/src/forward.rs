@@ -46,6 +46,11 @@ pub struct Target {
     pub port: u16,
     /// Connect from the client's own address and port, so the server sees the real client.
     pub preserve_source: bool,
+    /// Try the other family's loopback too when nothing listens on the client's (TCP). Off for a
+    /// port the handoff serves: there a server that took only the IPv4 socket gets no IPv6
+    /// clients, as on the host, and 127.0.0.1:PORT inside may be lowport's mirror of the handed
+    /// socket (see `outward::mirror_handed`).
+    pub other_family: bool,
 }
 
 impl Target {
@@ -265,6 +270,10 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
     let [first, second] = target.candidates(peer);
     match connect_from(target.source_for(*peer, first), first).await {
         Ok(stream) => Ok(stream),
+        Err(err) if !target.other_family && err.kind() == io::ErrorKind::ConnectionRefused => {
+            warn_nothing_listens(peer, target.port, &err, &err);
+            Err(err)
+        }
         Err(err)
             if err.kind() == io::ErrorKind::ConnectionRefused
                 || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
@@ -521,6 +530,7 @@ mod tests {
         let target = Target {
             port: 80,
             preserve_source: preserve,
+            other_family: true,
         };
         let inner: SocketAddr = if inner_v4 {
             "127.0.0.1:80".parse().unwrap()

@@ -129,6 +129,15 @@ pub fn relay_control() -> (RelayStop, RelayControl) {
     )
 }
 
+/// A published port whose host socket the server now holds: nothing listens on its port inside, so
+/// `launch` mirrors it there (see `outward::mirror_handed`).
+#[derive(Clone, Debug)]
+pub struct Handed {
+    pub spec: PublishSpec,
+    /// The host address as published.
+    pub host: SocketAddr,
+}
+
 /// One published host socket, as the handoff thread sees it.
 #[derive(Debug)]
 pub struct Port {
@@ -294,6 +303,8 @@ pub struct Handoff {
     /// The last sockets handed over (their inodes), so that a bind restarted after an interrupted
     /// answer is answered 0 again rather than handed a second socket.
     handed: VecDeque<u64>,
+    /// Told of each port handed over (see [`Handed`]).
+    on_handed: Option<tokio::sync::mpsc::UnboundedSender<Handed>>,
     reader: Reader,
     warned: bool,
     warned_transient: bool,
@@ -355,6 +366,7 @@ impl Handoff {
             netns,
             userns,
             handed: VecDeque::new(),
+            on_handed: None,
             reader: Reader::default(),
             warned: false,
             warned_transient: false,
@@ -368,6 +380,11 @@ impl Handoff {
             ephemeral: ephemeral_range(),
             next_port: std::process::id() % 1000,
         })
+    }
+
+    /// Reports each port handed over on `tx`.
+    pub fn report_handed(&mut self, tx: tokio::sync::mpsc::UnboundedSender<Handed>) {
+        self.on_handed = Some(tx);
     }
 
     /// Answers notifications until no process runs under the filter any more.
@@ -985,6 +1002,14 @@ impl Handoff {
         ) {
             Ok(()) => {
                 debug!(tid, server = %asked.addr, host = %host_addr, %protocol, "handed the host socket over");
+                if let Some(tx) = &self.on_handed {
+                    for &i in &targets {
+                        let _ = tx.send(Handed {
+                            spec: self.ports[i].spec.clone(),
+                            host: self.ports[i].addr,
+                        });
+                    }
+                }
                 Answer::Return(0)
             }
             Err(err) => {

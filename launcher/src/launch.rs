@@ -488,6 +488,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     .map_err(|e| LaunchError::io("read signals")(e.into()))?;
     forward_pending(&signals, started.init, started.child_pid);
 
+    let mut handed = None;
     // 7. Nothing from here on needs a capability, in any namespace, but the handoff thread's
     // CAP_SYS_PTRACE in the namespace lowport made: it reads the server's bind arguments and socket.
     capabilities::drop_bounding()?;
@@ -498,8 +499,11 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             capabilities::Capability::CAP_SYS_PTRACE,
             capabilities::Capability::CAP_DAC_READ_SEARCH,
         ])?;
-        let handoff = handoff::Handoff::new(listener, ports, factory, connect_routes)
+        let mut handoff = handoff::Handoff::new(listener, ports, factory, connect_routes)
             .map_err(LaunchError::io("start the handoff"))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        handoff.report_handed(tx);
+        handed = Some(rx);
         std::thread::Builder::new()
             .name("lowport-handoff".into())
             .spawn(move || handoff.run())
@@ -516,6 +520,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         inner,
         channel: outward_channel,
         resolvers,
+        handed,
     };
     let relays = controls.into_iter().zip(modes).collect();
     let status = runtime.block_on(supervise(
@@ -608,6 +613,7 @@ async fn supervise(
             port: socket.spec.port,
             // With a way out, only the stand-in addresses are local (see `netns::Clients`).
             preserve_source: config.preserve_source && config.net == Net::None,
+            other_family: mode != "handoff",
         };
         match socket.socket {
             Bound::Tcp(listener) => {
@@ -654,7 +660,7 @@ async fn supervise(
             ))
         })?;
     }
-    if let (false, Some(channel)) = (outward.inner.is_empty(), outward.channel) {
+    if let Some(channel) = outward.channel {
         let host = channel.into_async().map_err(LaunchError::io(
             "register the channel to lowport's host side",
         ))?;
@@ -668,6 +674,30 @@ async fn supervise(
         outward::serve(outward.inner, &shared).map_err(LaunchError::io(
             "register a socket lowport listens on inside",
         ))?;
+        if let Some(mut handed) = outward.handed {
+            let live = live.clone();
+            tokio::spawn(async move {
+                let mut mirrored = std::collections::HashSet::new();
+                while let Some(h) = handed.recv().await {
+                    if h.spec.protocol != crate::publish::Protocol::Tcp
+                        || !mirrored.insert((h.spec.port, h.host.is_ipv4()))
+                    {
+                        continue;
+                    }
+                    if let Some(live) = &live {
+                        live.note_handed(h.spec.port);
+                    }
+                    match outward::mirror_handed(h.spec.port, h.host, &shared) {
+                        Ok(inner) => debug!(%inner, host = %h.host, "handed port mirrored inside"),
+                        // The server (or something it started) listens there itself, or
+                        // --port-start keeps lowport, which has no capability left, off the port.
+                        Err(err) => {
+                            debug!(?err, port = h.spec.port, "handed port not mirrored inside")
+                        }
+                    }
+                }
+            });
+        }
     }
 
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
@@ -1085,6 +1115,8 @@ struct Outward {
     inner: Vec<outward::Inner>,
     channel: Option<hostside::Channel>,
     resolvers: Vec<std::net::IpAddr>,
+    /// Ports the handoff handed over, to mirror inside (see `outward::mirror_handed`).
+    handed: Option<tokio::sync::mpsc::UnboundedReceiver<handoff::Handed>>,
 }
 
 /// The resolvers of the host's /etc/resolv.conf. With `--dns` (`asked`), a file without one is an

@@ -294,7 +294,7 @@ pub fn serve(inner: Vec<Inner>, shared: &Shared) -> io::Result<()> {
         match socket {
             InnerSocket::Tcp(listener) => {
                 let listener = TcpListener::from_std(listener)?;
-                tokio::spawn(serve_tcp(listener, route.addr, shared.clone()));
+                tokio::spawn(serve_tcp(listener, route.addr, shared.clone(), false));
             }
             InnerSocket::Udp(socket) => {
                 let socket = UdpSocket::from_std(socket)?;
@@ -305,6 +305,52 @@ pub fn serve(inner: Vec<Inner>, shared: &Shared) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes a port handed over reachable inside on loopback: the server holds the host socket, so
+/// nothing listens on its port in the namespace, and a client there (`lowport exec web -- curl
+/// http://127.0.0.1/`, a port added with `lowport port add`, the server calling itself) would be
+/// refused. lowport listens on 127.0.0.1:PORT (or [::1]:PORT for an IPv6 host address) inside and
+/// relays each connection to the host address, from the host's side.
+pub fn mirror_handed(port: u16, host: SocketAddr, shared: &Shared) -> io::Result<SocketAddr> {
+    let (inner_ip, to_ip) = match host.ip() {
+        IpAddr::V4(ip) => (
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            if ip.is_unspecified() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V4(ip)
+            },
+        ),
+        IpAddr::V6(ip) => (
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            if ip.is_unspecified() {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(ip)
+            },
+        ),
+    };
+    let inner = SocketAddr::new(inner_ip, port);
+    let fd = sys::socket(domain_of(&inner), libc::SOCK_STREAM, 0)?;
+    if inner.is_ipv6() {
+        sys::set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::SockaddrStorage::from(inner),
+    )?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
+    hostside::set_nonblocking(&fd)?;
+    let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
+    tokio::spawn(serve_tcp(
+        listener,
+        SocketAddr::new(to_ip, host.port()),
+        shared.clone(),
+        true,
+    ));
+    Ok(inner)
+}
+
 fn domain_of(addr: &SocketAddr) -> i32 {
     if addr.is_ipv4() {
         libc::AF_INET
@@ -313,10 +359,18 @@ fn domain_of(addr: &SocketAddr) -> i32 {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, to: SocketAddr, shared: Shared) {
+/// Relays each connection to `listener` to `to` on the host. With `loopback_only` (a mirror of a
+/// handed port), a client not on loopback is refused: the server would see it as the host's
+/// loopback, and only clients that are on loopback may look like it (a relayed client keeps its
+/// own address as source, see `forward::Target::source_for`).
+async fn serve_tcp(listener: TcpListener, to: SocketAddr, shared: Shared, loopback_only: bool) {
     let mut backoff = Duration::from_millis(5);
     loop {
         match listener.accept().await {
+            Ok((client, peer)) if loopback_only && !peer.ip().is_loopback() => {
+                debug!(%peer, %to, "a client not on loopback at a handed port's mirror; refused");
+                reset(&client);
+            }
             Ok((client, peer)) => {
                 backoff = Duration::from_millis(5);
                 let Ok(permit) = shared.connections.clone().acquire_owned().await else {
@@ -358,21 +412,25 @@ async fn connect_out(client: TcpStream, to: SocketAddr, shared: &Shared) -> io::
         Ok(s) => s,
         Err(err) => {
             debug!(%to, ?err, "cannot connect to the host service");
-            // SO_LINGER 0: the close below resets the connection, and a reset never blocks.
-            let _ = nix::sys::socket::setsockopt(
-                &client,
-                nix::sys::socket::sockopt::Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+            reset(&client);
             return Err(err);
         }
     };
     upstream.set_nodelay(true)?;
     client.set_nodelay(true)?;
     forward::relay(&client, &upstream, shared.half_closed_timeout).await
+}
+
+/// SO_LINGER 0: the client's connection is reset when it is dropped, and a reset never blocks.
+fn reset(client: &TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        client,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
 }
 
 /// One UDP flow: a host socket connected to the service, for one inner client address.

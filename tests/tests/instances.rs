@@ -181,6 +181,11 @@ fn ps_inside_lists_only_the_commands_processes() {
 fn exec_runs_a_command_in_the_namespaces_as_root() {
     let rt = Runtime::new("inst-exec");
     let launch = start_http(&rt, "web", &["--forward", "relay"]);
+    assert!(
+        launch.ready_line.contains("\"relay\""),
+        "{}",
+        launch.ready_line
+    );
     let (code, out, err) = rt.run(&[
         "exec",
         "web",
@@ -220,6 +225,34 @@ fn exec_runs_a_command_in_the_namespaces_as_root() {
         "{err}"
     );
     drop(launch);
+}
+
+/// With handoff the server listens on the host's socket, not on its port inside; lowport mirrors
+/// the port on loopback inside, so clients there reach it. A port added later could reach the
+/// server only from the host's loopback, and would show every client as 127.0.0.1: refused.
+#[test]
+fn a_handed_port_is_reachable_inside_and_cannot_be_added_to() {
+    let rt = Runtime::new("inst-mirror");
+    let launch = start_http(&rt, "web", &["--forward", "handoff"]);
+    assert!(
+        launch.ready_line.contains("\"handoff\""),
+        "{}",
+        launch.ready_line
+    );
+    let script =
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:80/').status)";
+    let (code, out, err) = rt.run(&["exec", "web", "--", python(), "-c", script]);
+    assert_eq!((code, out.trim()), (0, "200"), "{err}");
+    let (code, _, err) = rt.run(&["port", "add", "web", "127.0.0.1:0:80"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("would show every client as 127.0.0.1"),
+        "{err}"
+    );
+    let (_, ps, _) = rt.run(&["ps"]);
+    assert_eq!(ps.matches("->80/tcp").count(), 1, "{ps}");
+    // The server's own socket is still the host's, and serves.
+    assert!(matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))));
 }
 
 #[test]
@@ -384,8 +417,8 @@ fn another_user_cannot_reach_an_instance() {
             "{err}"
         );
     }
-    // Root can open the socket, but the instance checks who is calling.
-    let path = rt.instance_dir("web").join("control");
+    // Root can reach the socket, but the instance checks who is calling.
+    let name = fs::read_to_string(rt.instance_dir("web").join("control")).unwrap();
     let sock = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::SeqPacket,
@@ -393,7 +426,7 @@ fn another_user_cannot_reach_an_instance() {
         None,
     )
     .unwrap();
-    let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+    let addr = nix::sys::socket::UnixAddr::new_abstract(name.trim().as_bytes()).unwrap();
     nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).unwrap();
     let _ = nix::sys::socket::send(
         std::os::fd::AsRawFd::as_raw_fd(&sock),
@@ -409,4 +442,37 @@ fn another_user_cannot_reach_an_instance() {
     .unwrap();
     let reply = String::from_utf8_lossy(&buf[..n]);
     assert!(reply.contains("belongs to another user"), "{reply}");
+}
+
+/// The server runs as the user and can read the state directory, but the control socket lives in
+/// the host's network namespace (an abstract name): neither its own instance's nor another's is
+/// reachable from inside, so a hostile server cannot stop, change or enter the user's instances.
+#[test]
+fn a_server_inside_cannot_reach_any_control_socket() {
+    let rt = Runtime::new("inst-hostile");
+    let _other = start_http(&rt, "other", &[]);
+    let script = r#"
+import os, socket, sys
+root = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lowport")
+for name in sorted(os.listdir(root)):
+    with open(os.path.join(root, name, "control")) as f:
+        address = "\0" + f.read().strip()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(address)
+        s.send(b'{"request":"stop"}')
+        print(name, "reached:", s.recv(4096))
+    except OSError as e:
+        print(name, "refused:", e.errno)
+"#;
+    let (code, out, err) = rt.run(&["run", "--name", "hostile", "--", python(), "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hostile refused: 111"), "{out}");
+    assert!(out.contains("other refused: 111"), "{out}");
+    assert!(!out.contains("reached"), "{out}");
+    let (_, ps, _) = rt.run(&["ps"]);
+    assert!(
+        ps.contains("other "),
+        "the other instance was stopped: {ps}"
+    );
 }

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket;
 
 use super::control::{Reply, Request, ANSWER_TIMEOUT, MAX_MESSAGE};
 use super::{InstanceError, PortState};
@@ -170,15 +170,7 @@ fn ask(
         name: name.to_owned(),
         source,
     };
-    let conn = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| connect_error(e.into()))?;
-    let addr = UnixAddr::new(&path).map_err(|e| connect_error(e.into()))?;
-    socket::connect(conn.as_raw_fd(), &addr).map_err(|e| connect_error(e.into()))?;
+    let conn = super::control::connect(&path).map_err(connect_error)?;
     let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as i64, 0);
     let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &timeout);
     let text = serde_json::to_vec(request).unwrap_or_default();

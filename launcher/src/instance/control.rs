@@ -131,19 +131,57 @@ pub struct Served {
     pub ports: Arc<dyn LivePorts>,
 }
 
-/// Makes the listening control socket at `path`, close-on-exec. Only this user may connect: the
-/// directory is 0700 and the socket itself 0600.
-pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+/// Makes the listening control socket, close-on-exec, under a random abstract name in the caller's
+/// network namespace (the host's: lowport calls this before it leaves), and writes that name to
+/// `path` (mode 0600) for clients. A random name cannot be taken first by another user; a client
+/// also checks that the socket's owner is itself.
+pub fn listen(instance: &str, path: &Path) -> io::Result<OwnedFd> {
     let sock = socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    let addr = UnixAddr::new(path)?;
-    socket::bind(sock.as_raw_fd(), &addr)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let mut random = [0u8; 12];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut random)?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!(
+        "lowport/{}/{instance}/{hex}",
+        nix::unistd::geteuid().as_raw()
+    );
+    socket::bind(sock.as_raw_fd(), &UnixAddr::new_abstract(name.as_bytes())?)?;
     socket::listen(&sock, Backlog::new(16).unwrap_or(Backlog::MAXCONN))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, name.as_bytes())?;
+    Ok(sock)
+}
+
+/// Connects to the control socket named in `path`, and checks that its owner is this user.
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let name = std::fs::read_to_string(path)?;
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::connect(
+        sock.as_raw_fd(),
+        &UnixAddr::new_abstract(name.trim().as_bytes())?,
+    )?;
+    let owner = socket::getsockopt(&sock, sockopt::PeerCredentials)?;
+    if owner.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "its control socket belongs to uid {}, not to you",
+            owner.uid()
+        )));
+    }
     Ok(sock)
 }
 

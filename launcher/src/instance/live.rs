@@ -48,6 +48,8 @@ pub struct Live {
     dir: PathBuf,
     /// Set when lowport ends: the directory is about to go, and must not be written again.
     pub closed: AtomicBool,
+    /// Inner TCP ports whose host socket the server holds (see `outward::mirror_handed`).
+    handed: Mutex<std::collections::HashSet<u16>>,
     relay: RelaySetup,
 }
 
@@ -66,6 +68,7 @@ impl Live {
             state: Mutex::new(state),
             dir,
             closed: AtomicBool::new(false),
+            handed: Mutex::default(),
             relay,
         }
     }
@@ -91,6 +94,14 @@ impl Live {
 
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that the server holds a host socket for inner TCP port `port`.
+    pub fn note_handed(&self, port: u16) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(port);
     }
 
     pub fn ports(&self) -> Vec<PortState> {
@@ -139,6 +150,20 @@ impl Live {
 
 impl LivePorts for Live {
     fn add(&self, spec: PublishSpec, sockets: Vec<OwnedFd>) -> Result<Vec<PortState>, String> {
+        let handed = spec.protocol == Protocol::Tcp
+            && self
+                .handed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&spec.port);
+        if handed {
+            // The only way to the server would be through its host socket, from the host's
+            // loopback: every client of the new port would look like 127.0.0.1 to it.
+            return Err(format!(
+                "the server took port {} over through a host socket (handoff), so it does not listen on port {} inside; a relayed port would show every client as 127.0.0.1. Publish the port with -p when starting the instance, or run it with --forward relay",
+                spec.port, spec.port
+            ));
+        }
         let mut added = Vec::new();
         for fd in sockets {
             let socket = match spec.protocol {
@@ -170,6 +195,7 @@ impl LivePorts for Live {
             let target = Target {
                 port: spec.port,
                 preserve_source: self.relay.preserve_source,
+                other_family: true,
             };
             match socket {
                 crate::host::Bound::Tcp(listener) => {

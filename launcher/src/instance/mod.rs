@@ -8,8 +8,10 @@
 //!   lock with the last descriptor), so no pid is ever trusted and a reused pid cannot fool `ps`.
 //!   Taking it is also how a run claims its name, without a race between two runs.
 //! - `state.json`: name, lowport's pid, the command, its ports and their modes, as `ps` shows them.
-//! - `control`, a `SOCK_SEQPACKET` socket that the running lowport answers on ([`control`]), with the
-//!   requests of [`client`].
+//! - `control`, the name of the abstract `SOCK_SEQPACKET` socket that the running lowport answers on
+//!   ([`control`]), with the requests of [`client`]. Abstract UNIX names belong to a network
+//!   namespace, and lowport binds it in the host's before it leaves: a server inside, although it
+//!   runs as your uid and can read this directory, cannot connect to it, nor to another instance's.
 //!
 //! Only the user who started an instance can reach it: the directory is theirs and mode 0700, and the
 //! control socket also checks each caller's uid ([`control`]).
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The longest name: the control socket's path must fit in `sun_path` (108 bytes).
+/// The longest name: the control socket's abstract name must fit in `sun_path` (108 bytes).
 pub const MAX_NAME: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +251,7 @@ impl Claim {
             let control_path = dir.join("control");
             let _ = fs::remove_file(&control_path);
             let control =
-                control::listen(&control_path).map_err(|source| InstanceError::Control {
+                control::listen(name, &control_path).map_err(|source| InstanceError::Control {
                     path: control_path.clone(),
                     source,
                 })?;
@@ -379,7 +381,7 @@ pub fn list(root: &Path) -> io::Result<Vec<Listed>> {
     Ok(found)
 }
 
-/// The control socket of the running instance `name`.
+/// The file that names the control socket of the running instance `name`.
 pub fn control_path(root: &Path, name: &str) -> Result<PathBuf, InstanceError> {
     if !valid_name(name) {
         return Err(InstanceError::BadName(name.to_owned()));
