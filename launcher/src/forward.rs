@@ -46,11 +46,29 @@ pub struct Target {
     pub port: u16,
     /// Connect from the client's own address and port, so the server sees the real client.
     pub preserve_source: bool,
-    /// Try the other family's loopback too when nothing listens on the client's (TCP). Off for a
-    /// port the handoff serves: there a server that took only the IPv4 socket gets no IPv6
-    /// clients, as on the host, and 127.0.0.1:PORT inside may be lowport's mirror of the handed
-    /// socket (see `outward::mirror_handed`).
-    pub other_family: bool,
+}
+
+/// The inner loopback addresses where lowport itself listens, mirroring a port handed over (see
+/// `outward::mirror_handed`), one bit per port and family. The relay never falls back to one: a
+/// server that took only the IPv4 socket of a port gets no IPv6 clients, as on the host, rather
+/// than getting them through the mirror as the host's loopback.
+static MIRRORED: [std::sync::atomic::AtomicU64; 2048] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 2048];
+
+fn mirror_bit(addr: &SocketAddr) -> (usize, u64) {
+    let index = usize::from(addr.port()) * 2 + usize::from(addr.is_ipv6());
+    (index / 64, 1 << (index % 64))
+}
+
+/// Notes that lowport listens on `addr` inside as a mirror.
+pub fn mark_mirrored(addr: SocketAddr) {
+    let (word, bit) = mirror_bit(&addr);
+    MIRRORED[word].fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn is_mirrored(addr: &SocketAddr) -> bool {
+    let (word, bit) = mirror_bit(addr);
+    MIRRORED[word].load(std::sync::atomic::Ordering::Relaxed) & bit != 0
 }
 
 impl Target {
@@ -270,7 +288,11 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
     let [first, second] = target.candidates(peer);
     match connect_from(target.source_for(*peer, first), first).await {
         Ok(stream) => Ok(stream),
-        Err(err) if !target.other_family && err.kind() == io::ErrorKind::ConnectionRefused => {
+        Err(err)
+            if is_mirrored(&second)
+                && (err.kind() == io::ErrorKind::ConnectionRefused
+                    || err.raw_os_error() == Some(libc::EADDRNOTAVAIL)) =>
+        {
             warn_nothing_listens(peer, target.port, &err, &err);
             Err(err)
         }
@@ -530,7 +552,6 @@ mod tests {
         let target = Target {
             port: 80,
             preserve_source: preserve,
-            other_family: true,
         };
         let inner: SocketAddr = if inner_v4 {
             "127.0.0.1:80".parse().unwrap()

@@ -613,7 +613,6 @@ async fn supervise(
             port: socket.spec.port,
             // With a way out, only the stand-in addresses are local (see `netns::Clients`).
             preserve_source: config.preserve_source && config.net == Net::None,
-            other_family: mode != "handoff",
         };
         match socket.socket {
             Bound::Tcp(listener) => {

@@ -342,6 +342,7 @@ pub fn mirror_handed(port: u16, host: SocketAddr, shared: &Shared) -> io::Result
     nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
     hostside::set_nonblocking(&fd)?;
     let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
+    forward::mark_mirrored(inner);
     tokio::spawn(serve_tcp(
         listener,
         SocketAddr::new(to_ip, host.port()),

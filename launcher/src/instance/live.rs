@@ -195,7 +195,6 @@ impl LivePorts for Live {
             let target = Target {
                 port: spec.port,
                 preserve_source: self.relay.preserve_source,
-                other_family: true,
             };
             match socket {
                 crate::host::Bound::Tcp(listener) => {
