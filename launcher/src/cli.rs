@@ -114,12 +114,24 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub port_start: u16,
 
-    /// Once every host socket listens and the command has started, write one JSON line to this open
-    /// descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip","host_port","port","mode"}],
-    /// "net", "host_loopback", "dns"}, where mode is handoff, relay or activation, and the last three
-    /// say what the command may reach outside
+    /// Once the server accepts on every published port (handed over: it bound the port and listens
+    /// on the host socket; relayed: something listens, or for UDP is bound, on the port at 127.0.0.1
+    /// or ::1 inside; with --socket-activation or no -p: once the command started), write one JSON
+    /// line to this open descriptor, then close it: {"pid":..., "ports":[{"protocol","host_ip",
+    /// "host_port","port","mode"}], "net", "host_loopback", "dns"}, where mode is handoff, relay or
+    /// activation, and the last three say what the command may reach outside. End-of-file without a
+    /// line means not ready: the command exited first, or --ready-timeout expired. Under systemd
+    /// (NOTIFY_SOCKET set, Type=notify) lowport sends READY=1 at the same moment
     #[arg(long, value_name = "FD")]
     pub ready_fd: Option<RawFd>,
+
+    /// How long the server may take to accept on every published port, when someone waits for it
+    /// (--ready-fd, or systemd's NOTIFY_SOCKET; without either there is no limit, so a shell with
+    /// -p where servers are started by hand is never stopped). After it, lowport names each port
+    /// not served on stderr, closes --ready-fd without a line, sends systemd
+    /// STOPPING=1, stops the command with SIGTERM, and exits with status 124 once it has exited
+    #[arg(long, default_value = "90s", value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
 
     /// Relayed ports only: the most relayed TCP connections at once, over all published ports; beyond it new clients wait
     /// in the host socket's backlog. Default: what the open-file limit allows (six descriptors per

@@ -152,6 +152,9 @@ pub struct Port {
     /// lowport's copy of the host socket, and its relay, until the socket is handed over or released.
     reserved: Option<OwnedFd>,
     relay: RelayStop,
+    /// Set once a bind of the server's was answered with this host socket (or with a fresh one in
+    /// its place): readiness then looks for the server's listener on the host (see `ready`).
+    handed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Port {
@@ -161,6 +164,7 @@ impl Port {
         eligible: bool,
         copy: OwnedFd,
         relay: RelayStop,
+        handed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Port {
         Port {
             spec,
@@ -168,6 +172,7 @@ impl Port {
             eligible,
             reserved: Some(copy),
             relay,
+            handed,
         }
     }
 
@@ -1002,6 +1007,11 @@ impl Handoff {
         ) {
             Ok(()) => {
                 debug!(tid, server = %asked.addr, host = %host_addr, %protocol, "handed the host socket over");
+                for &i in &targets {
+                    self.ports[i]
+                        .handed
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
                 if let Some(tx) = &self.on_handed {
                     for &i in &targets {
                         let _ = tx.send(Handed {
@@ -1340,6 +1350,7 @@ mod tests {
             eligible: true,
             reserved: None,
             relay: stop,
+            handed: Default::default(),
         }
     }
 

@@ -6,7 +6,9 @@
 //! 4. `unshare(CLONE_NEWUSER | CLONE_NEWNET)` and write the id maps.
 //! 5. Inside: `lo` up and `ip_unprivileged_port_start`.
 //! 6. Start the pid-1 helper in a new pid namespace and the command under it (`init`).
-//! 7. Drop the namespace's capabilities too, start the tokio runtime, forward, report readiness, wait.
+//! 7. Drop the namespace's capabilities too, start the tokio runtime, forward, wait until the server
+//!    accepts on every published port (`ready`) and report it (`--ready-fd`, systemd's `notify`),
+//!    wait.
 //!
 //! Steps 1 to 6 run with one thread: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers, and the
 //! forks must not copy a lock that another thread holds.
@@ -31,9 +33,11 @@ use crate::host::{self, BindError, Bound, HostSocket};
 use crate::hostside::{self, Factory};
 use crate::init::{self, CommandSpec, InitError, Started};
 use crate::netns::{self, NetnsError};
+use crate::notify::{self, Notifier, NotifyError};
 use crate::outward::{self, HostPorts, OutwardError};
 use crate::pasta::{self, Net, PastaError};
 use crate::publish::PublishSpec;
+use crate::ready::{self, ReadyError};
 use crate::sys;
 use crate::udp;
 use crate::userns::{self, MapHelper, Plan, UsernsError};
@@ -45,6 +49,8 @@ pub struct Config {
     pub userns: userns::Mode,
     pub port_start: u16,
     pub ready_fd: Option<RawFd>,
+    /// How long the server may take to accept on every published port before lowport stops it.
+    pub ready_timeout: std::time::Duration,
     /// The most relayed TCP connections at once; `None` sizes it to the open-file limit.
     pub max_connections: Option<usize>,
     /// Relay from each client's own address, so the server sees who connects.
@@ -101,6 +107,8 @@ pub enum LaunchError {
     Init(#[from] InitError),
     #[error(transparent)]
     Instance(#[from] crate::instance::InstanceError),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     #[error("{0}")]
     Resources(String),
     #[error("cannot {what}: {source}")]
@@ -159,6 +167,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         sys::set_cloexec(fd, true).map_err(LaunchError::io("mark --ready-fd close-on-exec"))?;
     }
     init::precheck(program)?;
+    // Before `unshare`: an abstract socket name means something only in the host's network namespace.
+    let notifier = Notifier::from_env()?.map(Arc::new);
     if config.socket_activation {
         if config.forward != handoff::Mode::Auto {
             return Err(LaunchError::Usage(
@@ -289,6 +299,13 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         debug!("no host port can be handed over (privileged, or UDP under --forward auto); relaying them");
         handing = false;
     }
+    // Readiness looks for the server's listener on each handed host socket, in the host's network
+    // namespace: the lookup socket must be made here.
+    let host_lookup = if handing {
+        crate::sockdiag::TcpLookup::open()
+    } else {
+        None
+    };
     let creator_keeps = (uid == 0).then_some(capabilities::Capability::CAP_SETFCAP);
     capabilities::drop_all_except(creator_keeps.as_slice())?;
 
@@ -309,6 +326,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     if let Some(claim) = &claim {
         own_fds.extend(claim.raw_fds());
     }
+    own_fds.extend(host_lookup.as_ref().map(AsRawFd::as_raw_fd));
+    own_fds.extend(notifier.as_ref().map(|n| n.as_raw_fd()));
     // Forked while lowport is still in the host's network namespace, where it makes the sockets
     // handed to a server that binds a second time or wants a dual-stack socket, the sockets to host
     // services, and starts pasta. One channel each for the handoff thread, the relays and pasta.
@@ -339,7 +358,9 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // 4. The namespaces, made by a child and joined (see `userns::create_and_join` for why).
     let secure = sys::secure_mode();
     let environ = userns::create_and_join(&plan, helper, &own_fds, &proc_sys, secure)?;
-    let env = init::caller_environment(secure.then_some(environ.as_slice()));
+    let mut env = init::caller_environment(secure.then_some(environ.as_slice()));
+    // lowport reports readiness itself (see `notify`); the command must not.
+    env.retain(|(name, _)| !notify::VARS.iter().any(|v| name == *v));
 
     // 5. Inside the network namespace.
     netns::loopback_up()?;
@@ -447,9 +468,12 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // One stop switch per host socket: the handoff thread stops a socket's relay before handing it over.
     let mut controls = Vec::new();
     let mut ports = Vec::new();
+    let mut handed = Vec::new();
     for socket in &sockets {
         let (stop, control) = handoff::relay_control();
         controls.push(control);
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        handed.push((handing && listener.is_some()).then(|| flag.clone()));
         if handing && listener.is_some() {
             let copy = socket
                 .socket
@@ -462,6 +486,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
                 handable(socket),
                 copy,
                 stop,
+                flag,
             ));
         }
     }
@@ -488,7 +513,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     .map_err(|e| LaunchError::io("read signals")(e.into()))?;
     forward_pending(&signals, started.init, started.child_pid);
 
-    let mut handed = None;
+    let mut handed_rx = None;
     // 7. Nothing from here on needs a capability, in any namespace, but the handoff thread's
     // CAP_SYS_PTRACE in the namespace lowport made: it reads the server's bind arguments and socket.
     capabilities::drop_bounding()?;
@@ -503,7 +528,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             .map_err(LaunchError::io("start the handoff"))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         handoff.report_handed(tx);
-        handed = Some(rx);
+        handed_rx = Some(rx);
         std::thread::Builder::new()
             .name("lowport-handoff".into())
             .spawn(move || handoff.run())
@@ -520,9 +545,14 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         inner,
         channel: outward_channel,
         resolvers,
-        handed,
+        handed: handed_rx,
     };
     let relays = controls.into_iter().zip(modes).collect();
+    let readiness = Readiness {
+        host_lookup,
+        handed,
+        notifier,
+    };
     let status = runtime.block_on(supervise(
         config,
         limits,
@@ -532,6 +562,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         started,
         signals,
         claim.as_ref(),
+        readiness,
     ));
     drop(claim);
     let status = status?;
@@ -540,6 +571,15 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     command_guard.init = None;
     runtime.shutdown_background();
     Ok(status)
+}
+
+/// What `supervise` needs to tell when the server is ready, and whom to tell.
+struct Readiness {
+    /// A TCP lookup of the host's network namespace, for the handed sockets.
+    host_lookup: Option<crate::sockdiag::TcpLookup>,
+    /// Per host socket, the flag the handoff thread sets once it handed the socket over.
+    handed: Vec<Option<Arc<std::sync::atomic::AtomicBool>>>,
+    notifier: Option<Arc<Notifier>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -552,6 +592,7 @@ async fn supervise(
     mut started: Started,
     signals: SignalFd,
     claim: Option<&crate::instance::Claim>,
+    readiness: Readiness,
 ) -> Result<i32, LaunchError> {
     let tcp_limit = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
     let udp_flows = udp::FlowBudget::new(limits.udp_flows.max(1));
@@ -700,24 +741,106 @@ async fn supervise(
     }
 
     let signals = sys::register_signalfd(signals).map_err(LaunchError::io("read signals"))?;
-    if let Some(fd) = config.ready_fd {
-        let reaching = Reaching {
-            net: config.net.to_string(),
-            host_loopback: config
-                .host_loopback
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            dns: outward.resolvers.iter().map(ToString::to_string).collect(),
-        };
-        report_ready(fd, started.child_pid, &bound, reaching);
+    // SAFETY: `run` checked at start that the descriptor is open; nothing else in lowport owns or uses
+    // the number, and this is the only place that takes it, once.
+    let ready_file = config
+        .ready_fd
+        .map(|fd| std::fs::File::from(unsafe { sys::own_raw(fd) }));
+    let reaching = Reaching {
+        net: config.net.to_string(),
+        host_loopback: config
+            .host_loopback
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        dns: outward.resolvers.iter().map(ToString::to_string).collect(),
+    };
+    let published = bound
+        .iter()
+        .zip(readiness.handed)
+        .map(|((spec, addr, mode), handed)| ready::Published {
+            spec: spec.clone(),
+            addr: *addr,
+            mode,
+            handed,
+        })
+        .collect();
+    let watch = ready::Watch::new(published, readiness.host_lookup);
+    let notifier = readiness.notifier;
+    let told = notifier.clone();
+    let child_pid = started.child_pid;
+    // The timeout bounds a wait, and only someone waiting (a reader of --ready-fd, systemd) makes
+    // one: `lowport run -p 8080:80 -- bash`, where the server is started by hand later, must not
+    // be stopped after 90 seconds.
+    let waited_on = ready_file.is_some() || notifier.is_some();
+    let timeout = waited_on.then_some(config.ready_timeout);
+    // The ready descriptor goes with the task: when the command exits first, the task is dropped and
+    // the reader sees end-of-file without a line.
+    let mut watcher = tokio::spawn(async move {
+        if !waited_on {
+            // Nobody to tell: no polling for a server that may never come.
+            return Ok(());
+        }
+        watch.until_ready(timeout).await?;
+        debug!("ready");
+        let status = ready_status(&bound);
+        if let Some(file) = ready_file {
+            report_ready(file, child_pid, &bound, reaching);
+        }
+        if let Some(notifier) = told {
+            notifier.ready(&status);
+        }
+        Ok::<(), ReadyError>(())
+    });
+    let notifier = notifier.as_deref();
+    let status: Result<i32, LaunchError> = async {
+        let waiting = wait_forwarding_signals(&signals, &started, notifier);
+        tokio::pin!(waiting);
+        Ok(tokio::select! {
+            status = &mut waiting => {
+                watcher.abort();
+                status?
+            }
+            outcome = &mut watcher => match outcome {
+                Ok(Err(err)) => {
+                    eprintln!("lowport: {err}");
+                    if let Some(notifier) = notifier {
+                        notifier.status("not ready in time; stopping");
+                        notifier.stopping();
+                    }
+                    // As a SIGTERM to lowport would; the wait goes on forwarding signals.
+                    if let Err(err) = nix::sys::signal::kill(started.init, Signal::SIGTERM) {
+                        debug!(?err, "cannot stop the command");
+                    }
+                    waiting.await?;
+                    ready::TIMED_OUT_STATUS
+                }
+                Ok(Ok(())) => waiting.await?,
+                Err(err) => {
+                    warn!(?err, "the readiness watch ended; readiness is not reported");
+                    waiting.await?
+                }
+            },
+        })
     }
-    let status = wait_forwarding_signals(&signals, &started).await;
+    .await;
     if let Some(live) = &live {
         live.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     drop(started);
     status
+}
+
+/// systemd's `STATUS=` once ready: what is published, as `systemctl status` shows it.
+fn ready_status(bound: &[(PublishSpec, SocketAddr, &'static str)]) -> String {
+    if bound.is_empty() {
+        return "running, no port published".into();
+    }
+    let ports: Vec<String> = bound
+        .iter()
+        .map(|(spec, addr, mode)| format!("{addr}->{}/{} {mode}", spec.port, spec.protocol))
+        .collect();
+    format!("serving {}", ports.join(", "))
 }
 
 /// Runs the UDP relays on a thread of their own, with a runtime of its own: a flood of datagrams from
@@ -833,6 +956,7 @@ pub(crate) fn start_udp_relay_removable(
 async fn wait_forwarding_signals(
     signals: &AsyncFd<SignalFd>,
     started: &Started,
+    notifier: Option<&Notifier>,
 ) -> Result<i32, LaunchError> {
     loop {
         if let Some(status) = helper_status(started.init)? {
@@ -847,7 +971,17 @@ async fn wait_forwarding_signals(
         loop {
             match guard.try_io(|fd| read_one(fd.get_ref())) {
                 Ok(Ok(info)) if info.ssi_signo == libc::SIGCHLD as u32 => {}
-                Ok(Ok(info)) => forward_signal(&info, started.init, started.child_pid, true),
+                Ok(Ok(info)) => {
+                    // The signals that stop a service (systemctl stop sends SIGTERM).
+                    if [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT]
+                        .contains(&(info.ssi_signo as i32))
+                    {
+                        if let Some(notifier) = notifier {
+                            notifier.stopping();
+                        }
+                    }
+                    forward_signal(&info, started.init, started.child_pid, true)
+                }
                 Ok(Err(err)) => return Err(LaunchError::io("read signals")(err)),
                 Err(_would_block) => break,
             }
@@ -1158,7 +1292,7 @@ struct ReadyPort {
 
 /// Writes the one JSON line of `--ready-fd` and closes the descriptor, so a reader sees end-of-file.
 fn report_ready(
-    fd: RawFd,
+    mut file: std::fs::File,
     pid: u32,
     bound: &[(PublishSpec, SocketAddr, &'static str)],
     reaching: Reaching,
@@ -1180,11 +1314,8 @@ fn report_ready(
     })
     .unwrap_or_default();
     line.push('\n');
-    // SAFETY: `run` checked at start that the descriptor is open; nothing else in lowport owns or uses
-    // the number, and this report is the only place that takes it, once.
-    let mut file = std::fs::File::from(unsafe { sys::own_raw(fd) });
     if let Err(err) = file.write_all(line.as_bytes()) {
-        warn!(?err, fd, "cannot write the readiness report");
+        warn!(?err, "cannot write the readiness report");
     }
 }
 
@@ -1206,6 +1337,7 @@ mod tests {
             userns: userns::Mode::Single,
             port_start: 0,
             ready_fd: None,
+            ready_timeout: std::time::Duration::from_secs(90),
             max_connections: tcp,
             max_udp_flows: udp,
             half_closed_timeout: std::time::Duration::from_secs(10),

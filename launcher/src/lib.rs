@@ -25,6 +25,8 @@
 //!   that starts only after the namespaces exist.
 //! - [`udp`]: the UDP relay, one inner socket per client flow, bounded; [`sockdiag`] tells it which
 //!   family a port's server listens on.
+//! - [`ready`]: when the server accepts on every published port; then `--ready-fd` and [`notify`]
+//!   (systemd's `READY=1`) report it.
 //! - [`rtnetlink`]: the routes that let the relay connect from a client's own address.
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
 
@@ -38,9 +40,11 @@ pub mod init;
 pub mod instance;
 pub mod launch;
 pub mod netns;
+pub mod notify;
 pub mod outward;
 pub mod pasta;
 pub mod publish;
+pub mod ready;
 pub mod rtnetlink;
 pub mod sockdiag;
 pub mod sys;

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         userns: args.userns,
         port_start: args.port_start,
         ready_fd: args.ready_fd,
+        ready_timeout: args.ready_timeout,
         max_connections: args.max_connections.map(|n| n as usize),
         max_udp_flows: args.max_udp_flows.map(|n| n as usize),
         half_closed_timeout: args.half_closed_timeout,

@@ -21,6 +21,47 @@ fn launch(publish: &[&str], extra: &[&str], server_args: &[&str]) -> Launch {
     Launch::start(cmd)
 }
 
+/// A host port free for now on 127.0.0.1.
+fn free_port(protocol: &str) -> u16 {
+    if protocol == "udp" {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+/// lowport publishing a port that nothing serves inside, which is never ready (so no --ready-fd:
+/// see docs/usage.md, Readiness), at host ports picked by the test on 127.0.0.1; returns once the
+/// first, a TCP one, accepts.
+fn start_unready(mut cmd: std::process::Command, ports: &[(&str, u16)]) -> Launch {
+    let child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let ports: Vec<ReadyPort> = ports
+        .iter()
+        .map(|&(protocol, host_port)| ReadyPort {
+            protocol: protocol.into(),
+            host_ip: "127.0.0.1".into(),
+            host_port,
+            port: 0,
+        })
+        .collect();
+    let first = SocketAddr::from(([127, 0, 0, 1], ports[0].host_port));
+    eventually("lowport's host socket", || TcpStream::connect(first).ok());
+    Launch {
+        pid: child.id(),
+        child,
+        ports,
+        ready_line: String::new(),
+    }
+}
+
 fn port_of(launch: &Launch, protocol: &str, family_v6: bool) -> u16 {
     launch
         .ports
@@ -316,18 +357,19 @@ fn a_udp_flow_to_a_port_where_nothing_listens_is_closed_at_once() {
         "relay",
         "--udp-timeout",
         "60s",
-    ])
-    .args([
+    ]);
+    let (tcp, udp) = (free_port("tcp"), free_port("udp"));
+    cmd.args([
+        "--ready-timeout",
+        "10m",
         "-p",
-        "127.0.0.1:0:80",
+        &format!("127.0.0.1:{tcp}:80"),
         "-p",
-        "127.0.0.1:0:53/udp",
-        "--ready-fd",
-        "3",
+        &format!("127.0.0.1:{udp}:53/udp"),
         "--",
     ])
     .arg(demo_server_bin());
-    let mut launch = Launch::start(cmd);
+    let mut launch = start_unready(cmd, &[("tcp", tcp), ("udp", udp)]);
     let stderr = launch
         .child
         .stderr
@@ -375,8 +417,19 @@ fn a_udp_flow_to_a_port_where_nothing_listens_is_closed_at_once() {
 #[test]
 fn nothing_listens_is_warned_at_most_once_in_ten_seconds() {
     let mut cmd = lowport();
-    run_args(&mut cmd, &["--forward", "relay", "-p", "127.0.0.1:0:8000"]).arg(demo_server_bin());
-    let mut launch = Launch::start(cmd);
+    let port = free_port("tcp");
+    cmd.args([
+        "run",
+        "--forward",
+        "relay",
+        "--ready-timeout",
+        "10m",
+        "-p",
+        &format!("127.0.0.1:{port}:8000"),
+        "--",
+    ])
+    .arg(demo_server_bin());
+    let mut launch = start_unready(cmd, &[("tcp", port)]);
     let stderr = launch
         .child
         .stderr

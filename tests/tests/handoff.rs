@@ -1209,7 +1209,13 @@ fn forward_relay_keeps_the_host_socket_in_lowport_and_relays_real_addresses() {
 #[test]
 fn readiness_reports_the_mode_of_each_port() {
     let dir = TempDir::new("modes", None);
-    let command = python(&dir, "dual.py", DUAL_STACK);
+    // The server serves every published port, UDP included: readiness waits for each.
+    let script = DUAL_STACK.replacen(
+        "\nwhile True:",
+        "\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nu.bind(('0.0.0.0', 53))\nwhile True:",
+        1,
+    );
+    let command = python(&dir, "dual.py", &script);
     let server = Server::start(lowport_run(
         None,
         &["--forward", "handoff", "-p", "0:80", "-p", "0:53/udp"],
@@ -1891,14 +1897,16 @@ def attempt(who):
         s.bind(("0.0.0.0", 80)); print("%s bound %d" % (who, s.getsockname()[1]), flush=True)
     except OSError as e:
         print("%s errno %d" % (who, e.errno), flush=True)
-    s.close()
+    return s
 pid = os.fork()
 if pid == 0:
     os.setgid(33); os.setuid(33)
     attempt("uid33")
     os._exit(0)
 os.waitpid(pid, 0)
-attempt("root")
+# Kept, so that lowport reports readiness: the host socket root was handed listens.
+kept = attempt("root")
+import time; time.sleep(1000)
 "#;
 
 /// `--port-start` keeps its meaning with handoff: lowport answers a bind before the kernel checks

@@ -152,7 +152,13 @@ fn port_start_option_is_applied_inside() {
 #[test]
 fn ready_report_lists_pid_and_every_bound_socket() {
     let mut cmd = lowport();
-    run_args(&mut cmd, &["-p", "0:80", "-p", "127.0.0.1:0:443"]).arg(demo_server_bin());
+    // A server on each published port (readiness waits for both); the one on 443 is the command.
+    let demo = demo_server_bin().display().to_string();
+    run_args(&mut cmd, &["-p", "0:80", "-p", "127.0.0.1:0:443"]).args([
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!("{demo} & exec {demo} -p 443"),
+    ]);
     let launch = Launch::start(cmd);
     let ips: Vec<&str> = launch.ports.iter().map(|p| p.host_ip.as_str()).collect();
     assert!(
