@@ -405,6 +405,21 @@ fn helper_main(
         return 125;
     }
     drop(lifeline);
+    // The command needs these; the helper closes its copies once the command is forked. A number
+    // in `close` may name a descriptor the launcher closed since, whose number the status pipe or
+    // the namespace socket took: those stay open.
+    let mut activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
+    activation.extend(command.handoff);
+    let own = [status.as_raw_fd(), namespaces.as_raw_fd()];
+    for fd in close
+        .iter()
+        .filter(|fd| !activation.contains(fd) && !own.contains(fd))
+    {
+        // SAFETY: the helper never returns to the launcher's code that owns these descriptors; it
+        // ends with exit_now.
+        unsafe { sys::close_raw(*fd) };
+    }
+    // Opened only now, so that no number closed above can be its own.
     // The host's /proc, which the command's side reads its host pid from once the private one hides it.
     let host_proc = nix::fcntl::open(
         "/proc",
@@ -424,14 +439,6 @@ fn helper_main(
     };
     send_namespaces(&namespaces, mounted, has_mnt);
     drop(namespaces);
-    // The command needs these; the helper closes its copies once the command is forked.
-    let mut activation: Vec<RawFd> = command.activation.iter().map(|(fd, _)| *fd).collect();
-    activation.extend(command.handoff);
-    for fd in close.iter().filter(|fd| !activation.contains(fd)) {
-        // SAFETY: the helper never returns to the launcher's code that owns these descriptors; it
-        // ends with exit_now.
-        unsafe { sys::close_raw(*fd) };
-    }
 
     let mut waited = *forward;
     waited.add(Signal::SIGCHLD);

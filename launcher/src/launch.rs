@@ -372,8 +372,12 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     };
     // A named instance may relay ports added later (`lowport port add`), when no capability is left
     // to add the routes.
-    if relaying || claim.is_some() {
+    if relaying {
         netns::route_replies_to_clients(clients)?;
+    } else if claim.is_some() {
+        // Only the stand-in addresses: routes that made every address local would turn the
+        // command's connects to other hosts from "unreachable" into "refused".
+        netns::route_replies_to_clients(netns::Clients::StandIns)?;
     }
     netns::make_local(&resolvers)?;
     let inner = outward::bind_inside(&routes)?;
@@ -622,7 +626,12 @@ async fn supervise(
                 options: forward::Options {
                     half_closed_timeout,
                 },
-                preserve_source: config.preserve_source && config.net == Net::None,
+                // Clients keep their own address only where `run` made every address local, which
+                // it does when it relays from the start (see `netns::Clients`).
+                preserve_source: config.preserve_source
+                    && config.net == Net::None
+                    && !config.socket_activation
+                    && !config.publish.is_empty(),
                 udp_timeout: config.udp_timeout,
                 udp_flows: udp_flows.clone(),
             },
@@ -765,7 +774,7 @@ async fn supervise(
             handed,
         })
         .collect();
-    let watch = ready::Watch::new(published, readiness.host_lookup);
+    let mut watch = ready::Watch::new(published, readiness.host_lookup);
     let notifier = readiness.notifier;
     let told = notifier.clone();
     let child_pid = started.child_pid;
@@ -774,14 +783,7 @@ async fn supervise(
     // be stopped after 90 seconds.
     let waited_on = ready_file.is_some() || notifier.is_some();
     let timeout = waited_on.then_some(config.ready_timeout);
-    // The ready descriptor goes with the task: when the command exits first, the task is dropped and
-    // the reader sees end-of-file without a line.
-    let mut watcher = tokio::spawn(async move {
-        if !waited_on {
-            // Nobody to tell: no polling for a server that may never come.
-            return Ok(());
-        }
-        watch.until_ready(timeout).await?;
+    let announce = move || {
         debug!("ready");
         let status = ready_status(&bound);
         if let Some(file) = ready_file {
@@ -790,6 +792,25 @@ async fn supervise(
         if let Some(notifier) = told {
             notifier.ready(&status);
         }
+    };
+    // Ready already (no port published, or --socket-activation): said before anything else
+    // happens, so a command that exits at once, such as `true`, still has its report.
+    let now = waited_on && watch.ready_now();
+    let later = if now {
+        announce();
+        None
+    } else {
+        Some(announce)
+    };
+    // The ready descriptor goes with the task: when the command exits first, the task is dropped and
+    // the reader sees end-of-file without a line.
+    let mut watcher = tokio::spawn(async move {
+        let Some(announce) = later.filter(|_| waited_on) else {
+            // Nobody to tell, or told already: no polling for a server that may never come.
+            return Ok(());
+        };
+        watch.until_ready(timeout).await?;
+        announce();
         Ok::<(), ReadyError>(())
     });
     let notifier = notifier.as_deref();

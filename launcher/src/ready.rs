@@ -81,6 +81,11 @@ impl Watch {
     }
 
     /// Waits until every mapping is served; after `timeout`, an error naming those that are not.
+    /// Whether every mapping is served already.
+    pub fn ready_now(&mut self) -> bool {
+        self.missing().is_empty()
+    }
+
     /// Waits until every mapping is served; with `timeout`, not longer.
     pub async fn until_ready(mut self, timeout: Option<Duration>) -> Result<(), ReadyError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

@@ -132,7 +132,11 @@ def ppid(pid):
             if line.startswith("PPid:"):
                 return int(line.split()[1])
 
-# /proc is the host's procfs: /proc/self is this process's host pid, PPid is in host pids.
+# The command's /proc is a procfs of its own pid namespace, mounted by lowport's helper in the
+# command's mount namespace. A hostile server is root there and unmounts it: below is the host's
+# procfs, where /proc/self is this process's host pid and PPid is in host pids.
+import subprocess
+subprocess.run(["umount", "/proc"], check=True)
 me = int(os.readlink("/proc/self"))
 helper = ppid(me)
 lowport = ppid(helper)
