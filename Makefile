@@ -54,13 +54,13 @@ BENCH_PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo
 bench: release
 	@BENCH_QUICK=$(BENCH_QUICK) BENCH_ONLY=$(BENCH_ONLY) $(BENCH_PYTHON) scripts/bench/bench.py
 
-# The binary, the man pages (lowport(1), lowport-run(1)) and bash, zsh and fish completions, all
+# The binary, the man pages (lowport(1), and lowport-run(1) and one per other subcommand) and bash, zsh and fish completions, all
 # generated from the clap definitions by lowport-docs. `make install PREFIX=~/.local` needs no root.
 install: release
 	target/release/lowport-docs target/share
 	install -D -m 755 target/release/lowport "$(PREFIX)/bin/lowport"
-	install -D -m 644 target/share/man1/lowport.1 "$(PREFIX)/share/man/man1/lowport.1"
-	install -D -m 644 target/share/man1/lowport-run.1 "$(PREFIX)/share/man/man1/lowport-run.1"
+	install -d "$(PREFIX)/share/man/man1"
+	install -m 644 target/share/man1/*.1 "$(PREFIX)/share/man/man1/"
 	install -D -m 644 target/share/completions/lowport.bash "$(PREFIX)/share/bash-completion/completions/lowport"
 	install -D -m 644 target/share/completions/_lowport "$(PREFIX)/share/zsh/site-functions/_lowport"
 	install -D -m 644 target/share/completions/lowport.fish "$(PREFIX)/share/fish/vendor_completions.d/lowport.fish"

@@ -365,6 +365,12 @@ fn man_pages_and_completions_come_from_the_command_line() {
         require(false, "man (package man-db)");
     }
     assert!(out.path().join("man1/lowport.1").is_file());
+    for sub in ["ps", "exec", "stop", "port-add", "port-rm"] {
+        assert!(
+            out.path().join(format!("man1/lowport-{sub}.1")).is_file(),
+            "no page for lowport {sub}"
+        );
+    }
     assert!(out.path().join("completions/_lowport").is_file());
     assert!(out.path().join("completions/lowport.fish").is_file());
     let script = format!(

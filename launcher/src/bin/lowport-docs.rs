@@ -1,4 +1,5 @@
-//! `lowport-docs DIR`: writes lowport's man pages (`DIR/man1/lowport.1`, `lowport-run.1`) and its bash,
+//! `lowport-docs DIR`: writes lowport's man pages (`DIR/man1/lowport.1`, `lowport-run.1` and one per
+//! other subcommand, such as `lowport-exec.1`) and its bash,
 //! zsh and fish completions (`DIR/completions/`), generated from the same clap definitions that
 //! `lowport` parses its command line with. `make install` runs it.
 
