@@ -104,6 +104,7 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let src = target_dir();
+        remove_stale_bin_dirs();
         let dir = std::env::temp_dir().join(format!("lowport-test-bin-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("create the binary directory");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -120,6 +121,28 @@ pub fn bin_dir() -> &'static Path {
         }
         dir
     })
+}
+
+/// Removes the binary directories of test processes that have ended: the harness gives no hook at
+/// exit, and each run of every test binary leaves one (about 80 MB of debug binaries), which filled
+/// a machine's disk after a day of runs.
+fn remove_stale_bin_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lowport-test-bin-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub fn lowport_bin() -> PathBuf {
