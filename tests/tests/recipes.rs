@@ -10,6 +10,27 @@ use std::process::{Child, Command, Stdio};
 
 use lowport_tests::*;
 
+const SCRIPTS: [&str; 2] = ["ci.sh", "dev-env.sh"];
+
+/// A file of the repository, as it is in the source tree.
+fn source(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// What docs/recipes.md tells users to run is what these tests run: it shows each script whole.
+#[test]
+fn recipes_md_shows_each_script_as_it_is() {
+    let doc = source("docs/recipes.md");
+    for script in SCRIPTS {
+        let text = source(&format!("scripts/recipes/{script}"));
+        assert!(
+            doc.contains(&format!("```sh\n{text}```\n")),
+            "docs/recipes.md does not show scripts/recipes/{script} as it is"
+        );
+    }
+}
+
 /// A directory of the user's (uid 65534 when the tests are root): the recipe scripts, an
 /// XDG_RUNTIME_DIR, logs, and what each recipe needs. Removed when the test ends.
 struct Workspace(TempDir);
@@ -19,13 +40,8 @@ impl Workspace {
         let ws = Workspace(TempDir::new(tag, Some((NOBODY, NOBODY))));
         let runtime = ws.mkdir("runtime");
         fs::set_permissions(runtime, fs::Permissions::from_mode(0o700)).unwrap();
-        for script in ["ci.sh", "dev-env.sh"] {
-            let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../scripts/recipes")
-                .join(script);
-            let text = fs::read_to_string(&source)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", source.display()));
-            ws.0.write(script, &text);
+        for script in SCRIPTS {
+            ws.0.write(script, &source(&format!("scripts/recipes/{script}")));
         }
         ws
     }
