@@ -29,6 +29,11 @@ fn recipes_md_shows_each_script_as_it_is() {
             "docs/recipes.md does not show scripts/recipes/{script} as it is"
         );
     }
+    let unit = source("contrib/systemd/user/lowport-web.service");
+    assert!(
+        doc.contains(&format!("```ini\n{unit}```\n")),
+        "docs/recipes.md does not show contrib/systemd/user/lowport-web.service as it is"
+    );
 }
 
 /// A directory of the user's (uid 65534 when the tests are root): the recipe scripts, an
@@ -384,4 +389,121 @@ fn dev_env_recipe_puts_nginx_in_front_of_the_app_on_the_hosts_loopback() {
     let (code, _, err) = run_to_end(&mut stop);
     assert_eq!(code, 0, "lowport stop web: {err}");
     ws.assert_stopped(port);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Silverblue: the user unit contrib/systemd/user/lowport-web.service
+// ---------------------------------------------------------------------------------------------
+
+/// The unit's `KEY=` line, with `%h` as `home`.
+fn unit_line(unit: &str, key: &str, home: &Path) -> Vec<String> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in the unit"));
+    // The unit's lines have no quotes, so words are what systemd splits them into.
+    line.replace("%h", home.to_str().unwrap())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// No systemd runs here, so the unit is run the way systemd would run it: `systemd-analyze verify
+/// --user` checks it (with lowport installed where `make install PREFIX=~/.local` puts it), then its
+/// ExecStart runs with a NOTIFY_SOCKET that stands in for systemd's, which must hear READY=1 only
+/// once nginx serves, its ExecReload reloads nginx, and SIGTERM (`systemctl --user stop`) gives
+/// STOPPING=1. The one change to the unit's commands: a free host port for the 8080 it names.
+#[test]
+fn silverblue_user_unit_is_valid_and_notifies_systemd() {
+    let analyze = tool(&["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]);
+    if !require(analyze.is_some(), "systemd-analyze (package systemd)")
+        || !require(nginx_bin().is_some(), "nginx (package nginx-light)")
+    {
+        return;
+    }
+    let ws = Workspace::new("recipe-unit");
+    let home = ws.mkdir("home");
+    for dir in [".local", ".local/bin"] {
+        ws.mkdir(&format!("home/{dir}"));
+    }
+    let installed = home.join(".local/bin/lowport");
+    fs::copy(lowport_bin(), &installed).unwrap();
+    ws.give(&installed);
+    // The site: nginx_site's configuration, in ~/site.
+    let site = nginx_site(&ws);
+    fs::rename(&site, home.join("site")).unwrap();
+    let unit_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd/user/lowport-web.service");
+    let unit = source("contrib/systemd/user/lowport-web.service");
+
+    let vars = [("HOME", home.display().to_string())];
+    let mut verify = ws.command(
+        Path::new(analyze.unwrap()),
+        &["verify", "--user", "--man=no", unit_path.to_str().unwrap()],
+        &vars,
+        "verify.log",
+    );
+    verify.current_dir("/");
+    assert_eq!(
+        ws.run(verify),
+        0,
+        "systemd-analyze verify: {}",
+        ws.read("verify.log")
+    );
+
+    let notify_path = ws.path("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o777)).unwrap();
+    systemd.set_read_timeout(Some(PATIENCE)).unwrap();
+    let port = free_port();
+    let start: Vec<String> = unit_line(&unit, "ExecStart", &home)
+        .into_iter()
+        .map(|w| {
+            if w == "8080:80" {
+                format!("{port}:80")
+            } else {
+                w
+            }
+        })
+        .collect();
+    assert!(start.contains(&format!("{port}:80")), "{start:?}");
+    let args: Vec<&str> = start[1..].iter().map(String::as_str).collect();
+    let mut vars = vars.to_vec();
+    vars.push(("NOTIFY_SOCKET", notify_path.display().to_string()));
+    let server = Background::start(ws.command(Path::new(&start[0]), &args, &vars, "unit.log"));
+
+    let mut buf = [0u8; 4096];
+    let n = systemd.recv(&mut buf).expect("READY=1 from lowport");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    // setpriv execs lowport, so the child's pid is lowport's: the unit's main process.
+    assert!(
+        ready.contains(&format!("MAINPID={}\n", server.0.id())),
+        "{ready}"
+    );
+    // Ready means serving: the first request, made at once, is answered.
+    assert_eq!(
+        get(port, "/"),
+        Some((200, SITE_TEXT.to_owned())),
+        "{}",
+        ws.read("unit.log")
+    );
+
+    let reload: Vec<String> = unit_line(&unit, "ExecReload", &home);
+    let args: Vec<&str> = reload[1..].iter().map(String::as_str).collect();
+    let code = ws.run(ws.command(Path::new(&reload[0]), &args, &vars, "reload.log"));
+    assert_eq!(code, 0, "ExecReload: {}", ws.read("reload.log"));
+    eventually("nginx to log the reload", || {
+        ws.read("unit.log").contains("reconfiguring").then_some(())
+    });
+
+    // systemctl stop: SIGTERM to the main process, lowport (setpriv execs it, so it is this pid).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = systemd.recv(&mut buf).expect("STOPPING=1 from lowport");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    drop(server);
 }
