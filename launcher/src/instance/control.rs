@@ -217,6 +217,16 @@ fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
     // A client that connects and says nothing must not keep the others waiting.
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(conn, sockopt::ReceiveTimeout, &timeout);
+    // The request is read before anything is answered, also one that is refused: closing a
+    // connection with a message unread resets it, and the caller would not see why.
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (n, fds) = match sys::recv_with_fds(conn.as_fd(), &mut buf) {
+        Ok(got) => got,
+        Err(err) => {
+            debug!(?err, "control request not read");
+            return None;
+        }
+    };
     match socket::getsockopt(conn, sockopt::PeerCredentials) {
         // Both uids as this user namespace sees them: the user who started lowport is its uid 0,
         // another user is unmapped (65534) or one of the user's own subordinate ids.
@@ -233,14 +243,6 @@ fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
             return None;
         }
     }
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let (n, fds) = match sys::recv_with_fds(conn.as_fd(), &mut buf) {
-        Ok(got) => got,
-        Err(err) => {
-            debug!(?err, "control request not read");
-            return None;
-        }
-    };
     let request: Request = match serde_json::from_slice(&buf[..n]) {
         Ok(r) => r,
         Err(err) => {

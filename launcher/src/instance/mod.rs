@@ -199,6 +199,9 @@ impl Claim {
     /// Claims `name`, or a name derived from `program` when `name` is `None` (adding -2, -3... when
     /// another run holds it). A stale directory, left by a lowport that was killed, is taken over.
     pub fn take(root: &Path, name: Option<&str>, program: &OsStr) -> Result<Claim, InstanceError> {
+        // Directories left by lowports that were killed go now, not only when `lowport ps` runs:
+        // runs killed by scripts would otherwise pile up.
+        let _ = list(root);
         if let Some(name) = name {
             if !valid_name(name) {
                 return Err(InstanceError::BadName(name.to_owned()));
