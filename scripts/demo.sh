@@ -32,7 +32,7 @@ echo "demo: \$ lowport run -p $port:80 -- demo-server"
 (cd / && exec $as_user "$work/lowport" run -p "$port:80" --ready-fd 3 -- "$work/demo-server" 3>"$work/ready.json") &
 lowport_pid=$!
 
-# The readiness line says that the host sockets listen; then wait for the server inside to answer.
+# The readiness line comes once demo-server accepts on the port; the loop also notices an early exit.
 i=0
 until [ -s "$work/ready.json" ] && curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do
     if ! kill -0 "$lowport_pid" 2>/dev/null; then
