@@ -95,7 +95,10 @@ pub struct RunArgs {
     /// Publish a host port: listen on HOST_IP:HOST_PORT on the host (every IPv4 and IPv6 address when
     /// HOST_IP is left out) for the server's PORT inside: the server gets the host socket when it
     /// binds PORT, or lowport relays each connection to PORT (see --forward). HOST_PORT 0 picks a
-    /// free port. IPv6 addresses go in brackets: [::1]:8080:80. Repeatable.
+    /// free port. IPv6 addresses go in brackets: [::1]:8080:80. When systemd started lowport with
+    /// sockets (a .socket unit, LISTEN_FDS), a socket on HOST_PORT (and HOST_IP) is served instead
+    /// of binding, and NAME:PORT[/tcp|udp] serves the sockets of that FileDescriptorName=; sockets
+    /// no -p takes go to COMMAND as its own (LISTEN_FDS from 3). Repeatable.
     #[arg(
         short = 'p',
         long = "publish",
@@ -171,7 +174,8 @@ pub struct RunArgs {
 
     /// Hand the host sockets to COMMAND with systemd's socket-activation protocol (fds from 3,
     /// LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES such as tcp-80) and relay nothing: the server accepts host
-    /// connections itself, at native speed and with real client addresses
+    /// connections itself, at native speed and with real client addresses. Sockets systemd gave
+    /// lowport that no -p takes follow, with their own names
     #[arg(long)]
     pub socket_activation: bool,
 

@@ -155,6 +155,9 @@ pub struct Port {
     /// Set once a bind of the server's was answered with this host socket (or with a fresh one in
     /// its place): readiness then looks for the server's listener on the host (see `ready`).
     handed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A socket systemd gave lowport (see `activation`): it cannot be bound again, so it is handed
+    /// over as it is or not at all, never replaced by a fresh one.
+    inherited: bool,
 }
 
 impl Port {
@@ -173,7 +176,14 @@ impl Port {
             reserved: Some(copy),
             relay,
             handed,
+            inherited: false,
         }
+    }
+
+    /// Marks the socket as one systemd gave lowport.
+    pub fn inherited(mut self, inherited: bool) -> Port {
+        self.inherited = inherited;
+        self
     }
 
     /// Stops the relay and gives up lowport's copy: the port is free for a fresh socket.
@@ -939,6 +949,10 @@ impl Handoff {
             && self.ports[main].reserved.is_some()
             && !state.reuseport
             && state.protocol != libc::IPPROTO_MPTCP;
+        if !reuse_reserved && targets.iter().any(|&i| self.ports[i].inherited) {
+            debug!(port = %self.ports[main].addr, "the bind does not fit the socket systemd gave lowport, which cannot be made again");
+            return self.not_handed(&targets, &io::Error::from_raw_os_error(libc::EADDRINUSE));
+        }
         let socket = if reuse_reserved {
             match self.ports[main].release() {
                 Some(fd) => fd,
@@ -986,10 +1000,7 @@ impl Handoff {
         }
         if !sys::notif_id_valid(self.listener.as_fd(), notif.id) {
             // Killed meanwhile: the port stays reserved for the next bind, not listening.
-            drop(socket);
-            for &i in &targets {
-                self.reserve_again(i);
-            }
+            self.give_back(&targets, socket);
             return Answer::Gone;
         }
         if let Some(ino) = inode(&socket) {
@@ -1024,10 +1035,7 @@ impl Handoff {
             }
             Err(err) => {
                 debug!(?err, "cannot hand the host socket over");
-                drop(socket);
-                for &i in &targets {
-                    self.reserve_again(i);
-                }
+                self.give_back(&targets, socket);
                 match err.raw_os_error() {
                     Some(libc::ENOENT) => Answer::Gone,
                     Some(errno) => Answer::Return(errno),
@@ -1069,11 +1077,27 @@ impl Handoff {
         same_userns && effective & (1 << caps::Capability::CAP_NET_BIND_SERVICE.index()) != 0
     }
 
+    /// Takes back a socket that was not handed over after all: a socket systemd gave lowport is kept
+    /// as it is (listening: clients wait until the server's next bind takes it); others are closed
+    /// and the port reserved again.
+    fn give_back(&mut self, targets: &[usize], socket: OwnedFd) {
+        if let [i] = *targets {
+            if self.ports[i].inherited && self.ports[i].reserved.is_none() {
+                self.ports[i].reserved = Some(socket);
+                return;
+            }
+        }
+        drop(socket);
+        for &i in targets {
+            self.reserve_again(i);
+        }
+    }
+
     /// Binds a fresh socket to a released port's address again, not listening, so that no other
     /// program takes the port: clients are refused until the server's next bind takes it. Used
     /// when a handoff failed after its relay had stopped.
     fn reserve_again(&mut self, i: usize) {
-        if self.ports[i].reserved.is_some() {
+        if self.ports[i].reserved.is_some() || self.ports[i].inherited {
             return;
         }
         let (addr, protocol) = (self.ports[i].addr, self.ports[i].spec.protocol);
@@ -1351,6 +1375,7 @@ mod tests {
             reserved: None,
             relay: stop,
             handed: Default::default(),
+            inherited: false,
         }
     }
 

@@ -13,6 +13,7 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
+use crate::activation::{Given, Inherited, Kind};
 use crate::publish::{Protocol, PublishSpec};
 
 /// One bound host socket and the mapping it serves.
@@ -22,6 +23,9 @@ pub struct HostSocket {
     /// The address as bound, with the real port when 0 was asked for.
     pub addr: SocketAddr,
     pub socket: Bound,
+    /// Its name in `LISTEN_FDNAMES` when systemd gave it to lowport (see [`crate::activation`]);
+    /// `None` when lowport bound it.
+    pub inherited: Option<String>,
 }
 
 /// A listening TCP socket or a bound UDP socket.
@@ -77,6 +81,13 @@ pub enum BindError {
     },
     #[error("cannot bind {ip} (-p {spec}): it is not an address of this host")]
     NotLocal { spec: PublishSpec, ip: IpAddr },
+    #[error("cannot serve -p {spec} from the socket systemd gave lowport ({addr}): {source}")]
+    Inherited {
+        spec: PublishSpec,
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot bind {addr} (-p {spec}): {source}")]
     Other {
         spec: PublishSpec,
@@ -89,11 +100,79 @@ pub enum BindError {
 /// Binds and listens on every host address of every spec. `proc_sys` (normally /proc/sys) is read only
 /// to explain a refusal.
 pub fn bind_all(specs: &[PublishSpec], proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
+    bind_all_given(specs, proc_sys, &mut Given::default())
+}
+
+/// As [`bind_all`], but a spec that sockets systemd gave lowport serve (see
+/// [`Given::take`]) takes them instead: lowport binds nothing more for it, not even the other
+/// family, since the socket unit says which addresses are served.
+pub fn bind_all_given(
+    specs: &[PublishSpec],
+    proc_sys: &Path,
+    given: &mut Given,
+) -> Result<Vec<HostSocket>, BindError> {
     let mut sockets = Vec::new();
     for spec in specs {
-        sockets.extend(bind_spec(spec, proc_sys)?);
+        let taken = given.take(spec);
+        if taken.is_empty() && spec.fdname.is_some() {
+            // `Given::check` refused this at step 1 already.
+            return Err(BindError::Inherited {
+                spec: spec.clone(),
+                addr: "none of that name".into(),
+                source: io::ErrorKind::NotFound.into(),
+            });
+        }
+        if taken.is_empty() {
+            sockets.extend(bind_spec(spec, proc_sys)?);
+        }
+        for socket in taken {
+            sockets.push(adopt(spec, socket)?);
+        }
     }
     Ok(sockets)
+}
+
+/// Makes an inherited socket what lowport's own are: non-blocking, and listening when it is TCP
+/// (systemd's are, unless a unit said `Accept=yes`, which hands out connections, not listeners).
+/// The flag belongs to the open file description that systemd shares, which systemd does not
+/// read from while the service runs.
+fn adopt(spec: &PublishSpec, inherited: Inherited) -> Result<HostSocket, BindError> {
+    let Kind::Inet { protocol, addr } = inherited.kind else {
+        return Err(BindError::Inherited {
+            spec: spec.clone(),
+            addr: inherited.name,
+            source: io::ErrorKind::InvalidInput.into(),
+        });
+    };
+    let fail = |source: io::Error| BindError::Inherited {
+        spec: spec.clone(),
+        addr: addr.to_string(),
+        source,
+    };
+    let fd = inherited.fd;
+    crate::sys::set_nonblocking_flag(std::os::fd::AsFd::as_fd(&fd), true).map_err(fail)?;
+    let socket = match protocol {
+        Protocol::Tcp => {
+            let listening = crate::sys::get_int_option(
+                std::os::fd::AsFd::as_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+            )
+            .map_err(fail)?;
+            if listening == 0 {
+                socket::listen(&fd, Backlog::MAXCONN).map_err(|e| fail(e.into()))?;
+            }
+            Bound::Tcp(std::net::TcpListener::from(fd))
+        }
+        Protocol::Udp => Bound::Udp(std::net::UdpSocket::from(fd)),
+    };
+    tracing::debug!(%addr, name = inherited.name, %spec, "serving a socket systemd gave lowport");
+    Ok(HostSocket {
+        spec: spec.clone(),
+        addr,
+        socket,
+        inherited: Some(inherited.name),
+    })
 }
 
 fn bind_spec(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>, BindError> {
@@ -132,6 +211,7 @@ fn bind_spec_once(spec: &PublishSpec, proc_sys: &Path) -> Result<Vec<HostSocket>
                     spec: spec.clone(),
                     addr: bound,
                     socket,
+                    inherited: None,
                 });
             }
             // "All addresses" includes IPv6 only where the host has it.

@@ -26,6 +26,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
+use crate::activation::{self, ActivationError};
 use crate::capabilities::{self, CapsError};
 use crate::forward::{self, Target};
 use crate::handoff::{self, RelayControl};
@@ -92,6 +93,8 @@ pub enum LaunchError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
+    Activation(#[from] ActivationError),
+    #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
     Userns(#[from] UsernsError),
@@ -124,7 +127,7 @@ impl LaunchError {
     /// of lowport itself (the child's own statuses are returned as `Ok` by [`run`]).
     pub fn exit_code(&self) -> i32 {
         match self {
-            LaunchError::Usage(_) => 2,
+            LaunchError::Usage(_) | LaunchError::Activation(_) => 2,
             LaunchError::Instance(crate::instance::InstanceError::BadName(_))
             | LaunchError::Instance(crate::instance::InstanceError::Taken { .. }) => 2,
             LaunchError::Init(e) => e.exit_code(),
@@ -151,7 +154,15 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
             "no command given; usage: lowport run [OPTIONS] -- COMMAND [ARGS]...".into(),
         )
     })?;
+    // The sockets systemd gave lowport itself, taken before lowport opens any descriptor.
+    let mut given = activation::Given::from_env()?;
+    given.check(&config.publish)?;
     if let Some(fd) = config.ready_fd {
+        if given.raw_fds().contains(&fd) {
+            return Err(LaunchError::Usage(format!(
+                "--ready-fd {fd}: descriptor {fd} is a socket systemd gave lowport (LISTEN_FDS); use a descriptor above them"
+            )));
+        }
         if fd <= 2 {
             return Err(LaunchError::Usage(format!(
                 "--ready-fd {fd}: descriptors 0, 1 and 2 are the command's stdin, stdout and stderr; use 3 or above (as in --ready-fd 3 3>ready.json)"
@@ -175,7 +186,14 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
                 "--socket-activation passes the host sockets to the command itself; it cannot be combined with --forward".into(),
             ));
         }
-        refuse_privileged_activation(&config.publish, &proc_sys)?;
+        // A socket systemd gave lowport is the user's already (see `privileged` below).
+        let binding: Vec<PublishSpec> = config
+            .publish
+            .iter()
+            .filter(|s| !given.covers(s))
+            .cloned()
+            .collect();
+        refuse_privileged_activation(&binding, &proc_sys)?;
     }
     // Whether ports are handed to the server when it binds them (see `handoff`).
     let mut handing = config.forward != handoff::Mode::Relay
@@ -273,10 +291,13 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     }
 
     // 2. Host sockets, then no capability on the host.
-    let sockets = host::bind_all(&config.publish, &proc_sys)?;
+    let sockets = host::bind_all_given(&config.publish, &proc_sys, &mut given)?;
+    // What no -p took goes on to the command as its own activation.
+    let passed_on = given.rest();
     let host_start = host::unprivileged_port_start(&proc_sys);
-    // A host socket below the host's threshold was bound with privilege: never handed over.
-    let privileged = |s: &HostSocket| s.addr.port() < host_start;
+    // A host socket below the host's threshold was bound with privilege: never handed over. One that
+    // systemd gave lowport was not: the user's process holds it already (docs/security.md).
+    let privileged = |s: &HostSocket| s.inherited.is_none() && s.addr.port() < host_start;
     if config.forward == handoff::Mode::Handoff {
         if let Some(s) = sockets.iter().find(|s| privileged(s)) {
             return Err(LaunchError::Usage(format!(
@@ -322,6 +343,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         .thread_block()
         .map_err(|e| LaunchError::io("block signals")(e.into()))?;
     let mut own_fds: Vec<RawFd> = sockets.iter().map(|s| s.socket.as_raw_fd()).collect();
+    own_fds.extend(passed_on.iter().map(|s| s.fd.as_raw_fd()));
     own_fds.extend(config.ready_fd);
     if let Some(claim) = &claim {
         own_fds.extend(claim.raw_fds());
@@ -394,19 +416,24 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
 
     // 6. The command.
     let close_in_helper = own_fds;
-    let activation = if config.socket_activation {
+    // --socket-activation's sockets first, in -p order, then those systemd gave lowport that no -p
+    // took, in systemd's order; a socket systemd gave keeps its name.
+    let mut activation: Vec<(RawFd, String)> = if config.socket_activation {
         sockets
             .iter()
             .map(|s| {
                 (
                     s.socket.as_raw_fd(),
-                    format!("{}-{}", s.spec.protocol, s.spec.port),
+                    s.inherited
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-{}", s.spec.protocol, s.spec.port)),
                 )
             })
             .collect()
     } else {
         Vec::new()
     };
+    activation.extend(passed_on.iter().map(|s| (s.fd.as_raw_fd(), s.name.clone())));
     // The command sends its bind filter's listener over this pair.
     let listener_pair = if handing || !connect_routes.is_empty() {
         let (ours, theirs) = nix::sys::socket::socketpair(
@@ -436,6 +463,8 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| LaunchError::io("make the process non-dumpable")(e.into()))?;
     let started = init::start(&command, &forwarded, &close_in_helper)?;
+    // The command has its copies.
+    drop(passed_on);
     debug!(init = %started.init, child = started.child_pid, "command started");
     // Any failure from here on stops the command's processes and reaps them.
     let mut command_guard = CommandGuard {
@@ -484,14 +513,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(LaunchError::io("copy a host socket"))?;
-            ports.push(handoff::Port::new(
-                socket.spec.clone(),
-                socket.addr,
-                handable(socket),
-                copy,
-                stop,
-                flag,
-            ));
+            ports.push(
+                handoff::Port::new(
+                    socket.spec.clone(),
+                    socket.addr,
+                    handable(socket),
+                    copy,
+                    stop,
+                    flag,
+                )
+                .inherited(socket.inherited.is_some()),
+            );
         }
     }
     let modes: Vec<&'static str> = sockets
@@ -664,6 +696,10 @@ async fn supervise(
             // With a way out, only the stand-in addresses are local (see `netns::Clients`).
             preserve_source: config.preserve_source && config.net == Net::None,
         };
+        let waits = socket
+            .inherited
+            .is_some()
+            .then(|| (socket.spec.clone(), socket.addr));
         match socket.socket {
             Bound::Tcp(listener) => {
                 let listener = tokio::net::TcpListener::from_std(listener)
@@ -683,6 +719,16 @@ async fn supervise(
                             None => shutdown.await,
                         }
                     };
+                    let mut stop = std::pin::pin!(stop);
+                    if let Some((spec, addr)) = waits {
+                        tokio::select! {
+                            () = activation::server_listens(spec, addr) => {}
+                            () = &mut stop => {
+                                drop(done);
+                                return;
+                            }
+                        }
+                    }
                     forward::serve(listener, target, options, limit, stop).await;
                     drop(done);
                 });

@@ -9,6 +9,8 @@
 //! A launch ([`launch::run`]) flows through the modules in this order:
 //!
 //! - [`publish`]: parses `-p [HOST_IP:]HOST_PORT:PORT[/tcp]`.
+//! - [`activation`]: the sockets systemd gave lowport itself (`LISTEN_FDS`), which `-p` serves or the
+//!   command gets.
 //! - [`host`]: binds the host sockets, in the host's network namespace, before anything else changes.
 //! - [`capabilities`]: drops every capability once the host sockets exist, and again after set-up.
 //! - [`userns`]: plans the uid/gid maps (single id, or /etc/subuid ranges through newuidmap), diagnoses
@@ -30,6 +32,7 @@
 //! - [`rtnetlink`]: the routes that let the relay connect from a client's own address.
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
 
+pub mod activation;
 pub mod capabilities;
 pub mod cli;
 pub mod forward;

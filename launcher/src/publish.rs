@@ -3,6 +3,10 @@
 //! The syntax follows docker and podman, so existing muscle memory works: `8080:80`,
 //! `127.0.0.1:8080:80`, `[::1]:8080:80`, `0:80` (the host picks a free port), and an optional `/tcp` or
 //! `/udp`.
+//!
+//! When lowport itself was started by systemd's socket activation, the host part may instead name the
+//! sockets it was given (`FileDescriptorName=` in the `.socket` unit, `LISTEN_FDNAMES`): `http:80`
+//! serves the sockets named `http` on port 80 inside (see [`crate::activation`]).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -34,6 +38,9 @@ pub struct PublishSpec {
     /// The port inside the namespace that connections are relayed to.
     pub port: u16,
     pub protocol: Protocol,
+    /// The name of inherited sockets to serve (`NAME:PORT`), in place of a host address and port;
+    /// `host_ip` is then `None` and `host_port` 0.
+    pub fdname: Option<String>,
 }
 
 impl PublishSpec {
@@ -51,6 +58,9 @@ impl PublishSpec {
 
 impl fmt::Display for PublishSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.fdname {
+            return write!(f, "{name}:{}/{}", self.port, self.protocol);
+        }
         match self.host_ip {
             Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
             Some(IpAddr::V4(ip)) => write!(f, "{ip}:")?,
@@ -159,6 +169,15 @@ pub fn parse(spec: &str) -> Result<PublishSpec, PublishError> {
         .ok_or_else(|| PublishError::MissingHostPort {
             spec: spec.to_owned(),
         })?;
+    if host_ip.is_none() && is_fdname(host_port) {
+        return Ok(PublishSpec {
+            host_ip: None,
+            host_port: 0,
+            port: parse_port(spec, port, 1)?,
+            protocol,
+            fdname: Some(host_port.to_owned()),
+        });
+    }
     if port.contains(':') {
         return Err(PublishError::TooManyParts {
             spec: spec.to_owned(),
@@ -169,7 +188,23 @@ pub fn parse(spec: &str) -> Result<PublishSpec, PublishError> {
         host_port: parse_port(spec, host_port, 0)?,
         port: parse_port(spec, port, 1)?,
         protocol,
+        fdname: None,
     })
+}
+
+/// Whether a host part is the name of inherited sockets: it starts with a letter or `_` and, as
+/// systemd's `FileDescriptorName=` allows, holds printable ASCII but for the characters that
+/// separate this syntax's fields. A host part that is a number or an address, or begins with `+`,
+/// stays what it was.
+fn is_fdname(token: &str) -> bool {
+    token.len() <= 255
+        && token
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && token
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, ':' | '/' | '[' | ']'))
 }
 
 fn parse_port(spec: &str, token: &str, min: u16) -> Result<u16, PublishError> {
@@ -215,7 +250,8 @@ mod tests {
                 host_ip: None,
                 host_port: 8080,
                 port: 80,
-                protocol: Protocol::Tcp
+                protocol: Protocol::Tcp,
+                fdname: None,
             }
         );
     }
@@ -254,6 +290,25 @@ mod tests {
     }
 
     #[test]
+    fn a_name_stands_for_inherited_sockets() {
+        let p = ok("http:80");
+        assert_eq!(p.fdname.as_deref(), Some("http"));
+        assert_eq!((p.host_ip, p.host_port, p.port), (None, 0, 80));
+        assert_eq!(p.to_string(), "http:80/tcp");
+        let p = ok("lowport-web.socket:443");
+        assert_eq!(p.fdname.as_deref(), Some("lowport-web.socket"));
+        let p = ok("dns:53/udp");
+        assert_eq!(
+            (p.fdname.as_deref(), p.protocol),
+            (Some("dns"), Protocol::Udp)
+        );
+        assert_eq!(ok("_x@1:8").fdname.as_deref(), Some("_x@1"));
+        // Numbers and addresses keep their meaning.
+        assert_eq!(ok("8080:80").fdname, None);
+        assert_eq!(ok("127.0.0.1:8080:80").fdname, None);
+    }
+
+    #[test]
     fn errors_quote_the_bad_token() {
         let cases = [
             ("", "is empty"),
@@ -272,6 +327,9 @@ mod tests {
             ),
             ("1.2.3.4:1:2:3", "too many parts"),
             ("[::1]8080:80", "no host port"),
+            ("http:80:81", "'http' in 'http:80:81' is not an IP address"),
+            ("http:x", "'x' in 'http:x' is not a port"),
+            ("http:0", "'0' in 'http:0' is not a port"),
         ];
         for (input, want) in cases {
             let err = parse(input).expect_err(input).to_string();

@@ -272,6 +272,12 @@ pub fn port_add(
                 spec: spec.to_owned(),
                 message: e.to_string(),
             })?;
+    if let Some(name) = &parsed.fdname {
+        return Err(ClientError::Spec {
+            spec: spec.to_owned(),
+            message: format!("'{name}' is not a host port; NAME:PORT serves sockets systemd gave lowport run, which lowport port add cannot add; write [HOST_IP:]HOST_PORT:PORT"),
+        });
+    }
     // The instance must exist before a port is taken for it.
     super::control_path(root, name)?;
     let sockets = crate::host::bind_all(std::slice::from_ref(&parsed), Path::new("/proc/sys"))?;

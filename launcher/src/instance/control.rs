@@ -88,7 +88,11 @@ impl std::str::FromStr for HostPort {
     type Err = String;
 
     fn from_str(text: &str) -> Result<HostPort, String> {
-        if let Ok(spec) = text.parse::<PublishSpec>() {
+        if let Some(spec) = text
+            .parse::<PublishSpec>()
+            .ok()
+            .filter(|s| s.fdname.is_none())
+        {
             return Ok(HostPort {
                 host_ip: spec.host_ip,
                 host_port: spec.host_port,
