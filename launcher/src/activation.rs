@@ -157,6 +157,10 @@ impl Given {
             format!(
                 "lowport was given no sockets (no LISTEN_FDS for its pid), so none named '{name}'"
             )
+        } else if let [only] = names[..] {
+            format!(
+                "lowport was given no socket named '{name}'; the only name it was given is {only}"
+            )
         } else {
             format!(
                 "lowport was given no socket named '{name}'; the names it was given are {}",
@@ -437,6 +441,14 @@ mod tests {
             err.contains("no socket named 'www'") && err.contains("are web, ctl"),
             "{err}"
         );
+        let one = Given {
+            sockets: vec![inherited(
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap().into(),
+                "web",
+            )],
+        };
+        let err = one.check(&[spec("www:80")]).unwrap_err().to_string();
+        assert!(err.contains("the only name it was given is web"), "{err}");
         let err = g.check(&[spec("web:53/udp")]).unwrap_err().to_string();
         assert!(err.contains("is a tcp socket, not a udp socket"), "{err}");
         let err = g.check(&[spec("ctl:80")]).unwrap_err().to_string();
