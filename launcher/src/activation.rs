@@ -83,6 +83,13 @@ impl Given {
             var("LISTEN_FDNAMES").as_deref(),
             std::process::id(),
         )?;
+        // As sd_listen_fds(3) with unset_environment: the variables describe lowport's descriptors,
+        // so no program lowport starts (newuidmap, pasta) is to read them as its own. The command
+        // never gets lowport's environment as it is (`init::caller_environment` drops these too).
+        // Step 1 runs before lowport starts any thread, as setting the environment requires.
+        for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(name);
+        }
         let mut sockets = Vec::new();
         for (fd, name) in listed {
             if !sys::fd_is_open(fd) {
@@ -167,6 +174,16 @@ impl Given {
                 names.join(", ")
             )
         }
+    }
+
+    /// The TCP and UDP sockets still here: name, protocol and address.
+    pub fn inet(&self) -> Vec<(String, Protocol, SocketAddr)> {
+        self.iter()
+            .filter_map(|s| match s.kind {
+                Kind::Inet { protocol, addr } => Some((s.name.clone(), protocol, addr)),
+                Kind::Other(_) => None,
+            })
+            .collect()
     }
 
     /// Whether some socket here would serve `spec` (see [`Given::take`]).

@@ -88,6 +88,14 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    #[error("-p {spec} does not serve the socket systemd gave lowport on port {port} ({given}), and lowport cannot bind one of its own beside it: {cause}; to serve the socket systemd gave, write {fixes}")]
+    NotTheGiven {
+        spec: PublishSpec,
+        port: u16,
+        given: String,
+        cause: &'static str,
+        fixes: String,
+    },
     #[error("cannot bind {addr} (-p {spec}): {source}")]
     Other {
         spec: PublishSpec,
@@ -112,6 +120,7 @@ pub fn bind_all_given(
     given: &mut Given,
 ) -> Result<Vec<HostSocket>, BindError> {
     let mut sockets = Vec::new();
+    let offered = given.inet();
     for spec in specs {
         let taken = given.take(spec);
         if taken.is_empty() && spec.fdname.is_some() {
@@ -123,13 +132,66 @@ pub fn bind_all_given(
             });
         }
         if taken.is_empty() {
-            sockets.extend(bind_spec(spec, proc_sys)?);
+            let bound = bind_spec(spec, proc_sys).map_err(|e| beside_given(e, &offered))?;
+            sockets.extend(bound);
         }
         for socket in taken {
             sockets.push(adopt(spec, socket)?);
         }
     }
     Ok(sockets)
+}
+
+/// Explains a bind that failed on a port systemd gave lowport a socket on, at another address than
+/// the spec's: lowport itself holds the port then (the usual mistake: `-p 127.0.0.1:80:80` when the
+/// unit's `ListenStream=80` is `[::]:80`), so "stop the program that holds it" or "setcap" would
+/// send the user the wrong way. Such a spec is still bound first, since a socket beside the given
+/// one (127.0.0.2:80 beside 127.0.0.1:80) can be what the user meant.
+fn beside_given(err: BindError, offered: &[(String, Protocol, SocketAddr)]) -> BindError {
+    let (spec, cause) = match &err {
+        BindError::InUse { spec, .. } => (spec, "the port is in use"),
+        BindError::Privileged { spec, .. } => (spec, "the port needs privilege on this host"),
+        _ => return err,
+    };
+    let here: Vec<&(String, Protocol, SocketAddr)> = offered
+        .iter()
+        .filter(|(_, protocol, addr)| *protocol == spec.protocol && addr.port() == spec.host_port)
+        .collect();
+    let Some((name, _, addr)) = here.first() else {
+        return err;
+    };
+    let given = here
+        .iter()
+        .map(|(name, _, addr)| format!("{addr} named '{name}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let suffix = match spec.protocol {
+        Protocol::Tcp => String::new(),
+        Protocol::Udp => "/udp".to_owned(),
+    };
+    let by_address = match addr.ip() {
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    };
+    let mut fixes = vec![
+        format!("-p {}:{}{suffix} (any address)", spec.host_port, spec.port),
+        format!("-p {by_address}:{}:{}{suffix}", spec.host_port, spec.port),
+    ];
+    // "unknown" is what an unnamed socket is called: a name that says nothing.
+    if !name.is_empty() && name != "unknown" {
+        fixes.push(format!("-p {name}:{}{suffix}", spec.port));
+    }
+    BindError::NotTheGiven {
+        spec: spec.clone(),
+        port: spec.host_port,
+        given,
+        cause,
+        fixes: match fixes.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        },
+    }
 }
 
 /// Makes an inherited socket what lowport's own are: non-blocking, and listening when it is TCP
@@ -307,5 +369,61 @@ fn bind(addr: SocketAddr, protocol: Protocol) -> io::Result<Bound> {
             )?;
             Ok(Bound::Udp(std::net::UdpSocket::from(fd)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(s: &str) -> PublishSpec {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_bind_beside_a_given_socket_says_how_to_serve_it() {
+        // Stands for the socket systemd gave lowport: lowport's own bind of the port fails beside it.
+        let given = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = given.local_addr().unwrap();
+        let port = addr.port();
+        let offered = vec![("web".to_owned(), Protocol::Tcp, addr)];
+        let err =
+            bind_spec(&spec(&format!("0.0.0.0:{port}:80")), Path::new("/proc/sys")).unwrap_err();
+        assert!(matches!(err, BindError::InUse { .. }), "{err}");
+        let err = beside_given(err, &offered).to_string();
+        assert_eq!(
+            err,
+            format!(
+                "-p 0.0.0.0:{port}:80/tcp does not serve the socket systemd gave lowport on port \
+                 {port} (127.0.0.1:{port} named 'web'), and lowport cannot bind one of its own \
+                 beside it: the port is in use; to serve the socket systemd gave, write \
+                 -p {port}:80 (any address), -p 127.0.0.1:{port}:80 or -p web:80"
+            )
+        );
+
+        // An unnamed socket is not suggested by its name; an IPv6 one is bracketed; UDP says so.
+        let v6: SocketAddr = "[::1]:5353".parse().unwrap();
+        let in_use = |s: &str| BindError::InUse {
+            spec: spec(s),
+            protocol: spec(s).protocol,
+            ip: "127.0.0.1".parse().unwrap(),
+            port: 5353,
+        };
+        let err = beside_given(
+            in_use("127.0.0.1:5353:53/udp"),
+            &[("unknown".to_owned(), Protocol::Udp, v6)],
+        )
+        .to_string();
+        assert!(
+            err.ends_with("write -p 5353:53/udp (any address) or -p [::1]:5353:53/udp"),
+            "{err}"
+        );
+
+        // Another port or protocol: the error stays what it was.
+        let err = beside_given(
+            in_use("127.0.0.1:5353:53"),
+            &[("dns".to_owned(), Protocol::Udp, v6)],
+        );
+        assert!(matches!(err, BindError::InUse { .. }), "{err}");
     }
 }

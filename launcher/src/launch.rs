@@ -127,7 +127,9 @@ impl LaunchError {
     /// of lowport itself (the child's own statuses are returned as `Ok` by [`run`]).
     pub fn exit_code(&self) -> i32 {
         match self {
-            LaunchError::Usage(_) | LaunchError::Activation(_) => 2,
+            LaunchError::Usage(_)
+            | LaunchError::Activation(_)
+            | LaunchError::Bind(BindError::NotTheGiven { .. }) => 2,
             LaunchError::Instance(crate::instance::InstanceError::BadName(_))
             | LaunchError::Instance(crate::instance::InstanceError::Taken { .. }) => 2,
             LaunchError::Init(e) => e.exit_code(),

@@ -390,3 +390,33 @@ fn the_example_units_verify() {
         .collect();
     assert!(complaints.is_empty(), "{complaints:?}");
 }
+
+/// `-p IP:PORT:80` at another address than the socket systemd gave on PORT: lowport cannot bind the
+/// port beside it (it holds the port itself), and says how to serve the given socket instead of
+/// sending the user to find "the program that holds it".
+#[test]
+fn a_publish_beside_the_given_socket_says_how_to_serve_it() {
+    if !prerequisites() {
+        return;
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let publish = format!("0.0.0.0:{port}:80");
+    let mut activated = Activated::start(
+        &["-l", &listen, "--fdname=web"],
+        &listen,
+        &["run", "-p", &publish, "--", "/bin/true"],
+    );
+    let mut client = TcpStream::connect(&listen).unwrap();
+    let _ = client.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(activated.wait(), 2, "{}", activated.out.text());
+    let text = activated.out.text();
+    assert!(
+        text.contains(&format!(
+            "lowport: -p 0.0.0.0:{port}:80/tcp does not serve the socket systemd gave lowport on port {port} (127.0.0.1:{port} named 'web')"
+        )) && text.contains(&format!(
+            "write -p {port}:80 (any address), -p 127.0.0.1:{port}:80 or -p web:80"
+        )),
+        "{text}"
+    );
+}
