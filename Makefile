@@ -55,7 +55,8 @@ bench: release
 	@BENCH_QUICK=$(BENCH_QUICK) BENCH_ONLY=$(BENCH_ONLY) $(BENCH_PYTHON) scripts/bench/bench.py
 
 # The binary, the man pages (lowport(1), and lowport-run(1) and one per other subcommand) and bash, zsh and fish completions, all
-# generated from the clap definitions by lowport-docs. `make install PREFIX=~/.local` needs no root.
+# generated from the clap definitions by lowport-docs, and the AppArmor profile of contrib/apparmor (for Ubuntu 23.10
+# and later; `lowport doctor` prints the root command that installs it when it is needed). `make install PREFIX=~/.local` needs no root.
 install: release
 	target/release/lowport-docs target/share
 	install -D -m 755 target/release/lowport "$(PREFIX)/bin/lowport"
@@ -64,7 +65,8 @@ install: release
 	install -D -m 644 target/share/completions/lowport.bash "$(PREFIX)/share/bash-completion/completions/lowport"
 	install -D -m 644 target/share/completions/_lowport "$(PREFIX)/share/zsh/site-functions/_lowport"
 	install -D -m 644 target/share/completions/lowport.fish "$(PREFIX)/share/fish/vendor_completions.d/lowport.fish"
-	@echo "installed: $(PREFIX)/bin/lowport, its man pages in $(PREFIX)/share/man/man1, completions for bash, zsh and fish under $(PREFIX)/share"
+	install -D -m 644 contrib/apparmor/lowport "$(PREFIX)/share/lowport/apparmor/lowport"
+	@echo "installed: $(PREFIX)/bin/lowport, its man pages in $(PREFIX)/share/man/man1, completions for bash, zsh and fish under $(PREFIX)/share, the AppArmor profile in $(PREFIX)/share/lowport/apparmor (lowport doctor says when it is needed)"
 
 clean:
 	$(CARGO) clean

@@ -67,6 +67,24 @@ pub enum Command {
     /// Publish another host port to a running instance, or stop publishing one
     #[command(subcommand)]
     Port(PortCommand),
+
+    /// Check what this machine allows lowport to do, and print the fix for what it does not
+    #[command(
+        after_long_help = "Each check prints one line: ok; fix when lowport run cannot work until it is fixed (user\nand network namespaces, the port start inside); warn when an optional feature is missing\n(subordinate ids, handoff, pasta, host ports below 1024), with what that costs; skip when\nit needs what an earlier check found missing. The checks create namespaces, run newuidmap\nand make a seccomp listener in forked processes; lowport doctor changes nothing.\n\nEXIT STATUS:\n  0 when lowport run can work here, 1 when it cannot.\n\nEXAMPLES:\n  lowport doctor\n  lowport doctor --apparmor-profile | sudo tee /etc/apparmor.d/lowport >/dev/null && sudo apparmor_parser -r /etc/apparmor.d/lowport"
+    )]
+    Doctor(DoctorArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    /// Print the checks as one JSON object: {"ok": true|false, "checks": [{"check", "status", "essential", "detail"}]}
+    #[arg(long)]
+    pub json: bool,
+
+    /// Check nothing; print an AppArmor profile that lets this lowport binary create user
+    /// namespaces where AppArmor restricts them (Ubuntu 23.10 and later), for /etc/apparmor.d/lowport
+    #[arg(long, conflicts_with = "json")]
+    pub apparmor_profile: bool,
 }
 
 #[derive(Subcommand)]

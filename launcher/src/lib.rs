@@ -31,10 +31,14 @@
 //!   (systemd's `READY=1`) report it.
 //! - [`rtnetlink`]: the routes that let the relay connect from a client's own address.
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
+//!
+//! [`doctor`] (`lowport doctor`) runs the namespace, id-mapping and handoff steps of a launch in
+//! forked children and reads what the other modules read, to say what this machine allows.
 
 pub mod activation;
 pub mod capabilities;
 pub mod cli;
+pub mod doctor;
 pub mod forward;
 pub mod handoff;
 pub mod host;

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     }
     let args = match cli.command {
         Command::Run(args) => args,
+        Command::Doctor(args) => return doctor(&args),
         other => return instance_command(other),
     };
     let config = lowport::Config {
@@ -63,7 +64,7 @@ fn instance_command(command: Command) -> ExitCode {
                 Command::Port(PortCommand::Rm { name, spec }) => {
                     client::port_rm(&root, &name, &spec, &mut out).map(|()| 0)
                 }
-                Command::Run(_) => unreachable!("run is handled by main"),
+                Command::Run(_) | Command::Doctor(_) => unreachable!("handled by main"),
             }
         });
     match outcome {
@@ -71,6 +72,18 @@ fn instance_command(command: Command) -> ExitCode {
         Err(err) => {
             eprintln!("lowport: {err}");
             ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}
+
+/// `doctor`: the checks, before anything else starts a thread (they fork).
+fn doctor(args: &lowport::cli::DoctorArgs) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match lowport::doctor::run(args.json, args.apparmor_profile, &mut out) {
+        Ok(status) => ExitCode::from(status),
+        Err(err) => {
+            eprintln!("lowport: cannot print the report: {err}");
+            ExitCode::from(125)
         }
     }
 }

@@ -71,7 +71,12 @@ pub enum PastaError {
 
 /// The pasta program, from PATH.
 pub fn find() -> Result<PathBuf, PastaError> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    find_in(std::env::var_os("PATH"))
+}
+
+/// The pasta program, from the directories of `path` (`/usr/bin:/bin` when unset).
+pub fn find_in(path: Option<OsString>) -> Result<PathBuf, PastaError> {
+    let path = path.unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
     std::env::split_paths(&path)
         .map(|dir| dir.join("pasta"))
         .find(|p| {
@@ -159,13 +164,17 @@ fn explain(said: &str) -> String {
     format!("pasta failed: {said}{fix}")
 }
 
-/// The checks pasta itself makes with less helpful words: /dev/net/tun, which it opens as you.
-fn check_tun() -> Result<(), String> {
-    let path = "/dev/net/tun";
+/// The device pasta opens as you.
+pub const TUN: &str = "/dev/net/tun";
+
+/// The checks pasta itself makes with less helpful words: the tun device (normally [`TUN`]), which
+/// it opens as you.
+pub fn check_tun(device: &std::path::Path) -> Result<(), String> {
     let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path);
+        .open(device);
+    let path = device.display();
     match opened.map_err(|e| e.raw_os_error().unwrap_or(0)) {
         Ok(_) => Ok(()),
         Err(libc::ENOENT | libc::ENXIO | libc::ENODEV) => Err(format!(
@@ -199,7 +208,10 @@ impl HostSide {
         if self.child.is_some() {
             return Err("pasta was started already".into());
         }
-        if let Err(checked) = find().map_err(|e| e.to_string()).and_then(|_| check_tun()) {
+        if let Err(checked) = find()
+            .map_err(|e| e.to_string())
+            .and_then(|_| check_tun(TUN.as_ref()))
+        {
             return Err(format!("{CHECKED}{checked}"));
         }
         match self.run(pid) {

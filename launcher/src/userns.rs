@@ -570,6 +570,16 @@ impl MapHelper {
     }
 }
 
+impl MapHelper {
+    /// Lets the helper go without a request (it exits at end-of-file) and reaps it.
+    pub fn cancel(self) {
+        let MapHelper { pid, go, result } = self;
+        drop(go);
+        drop(result);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+}
+
 fn helper_main(plan: &SubidPlan, go: OwnedFd, result: OwnedFd) -> i32 {
     let mut request = [0u8; MAP_REQUEST];
     let mut go = fs::File::from(go);
