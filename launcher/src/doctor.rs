@@ -522,7 +522,7 @@ fn handoff_check() -> Finding {
             Err(errno) => format!("fail cannot set no_new_privs: {}", io::Error::from(errno)),
             Ok(()) => match sys::install_command_filter(sys::FilterKind::TerminalAndBind) {
                 Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-                    "fail this process already runs under a seccomp filter with a listener (inside another lowport, or a container that uses one), and the kernel allows one".into()
+                    "fail this process already runs under a seccomp filter with a listener (inside another lowport, or a container that uses one), and the kernel allows one listener per process".into()
                 }
                 Err(err) => format!("fail the kernel refused a seccomp listener (SECCOMP_FILTER_FLAG_NEW_LISTENER, Linux 5.0): {err}"),
                 Ok(None) => "fail the kernel gave no seccomp listener".into(),
