@@ -476,3 +476,309 @@ for name in sorted(os.listdir(root)):
         "the other instance was stopped: {ps}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attacks: what a hostile server inside, or another local user, tries against named instances.
+// The server runs as the user on the host and can read and write $XDG_RUNTIME_DIR/lowport, so a
+// script it runs does what the server could; the scripts wait for marker files in `Markers`.
+// ---------------------------------------------------------------------------------------------
+
+/// A directory of 65534's where the tests and the scripts leave marker files for each other.
+struct Markers(TempDir);
+
+impl Markers {
+    fn new(tag: &str) -> Markers {
+        Markers(TempDir::new(tag, Some((NOBODY, NOBODY))))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.path().join(name).display().to_string()
+    }
+
+    fn create(&self, name: &str) {
+        fs::write(self.path().join(name), "").unwrap();
+    }
+
+    fn wait_for(&self, name: &str) -> String {
+        eventually(&format!("the marker {name}"), || {
+            fs::read_to_string(self.path().join(name)).ok()
+        })
+    }
+}
+
+/// `lowport run --name NAME -- python3 -c SCRIPT ARGS...`, running once lowport reports it ready.
+fn start_script(rt: &Runtime, name: &str, script: &str, args: &[&str]) -> Launch {
+    let mut cmd = rt.lowport(&[
+        "run",
+        "--name",
+        name,
+        "--ready-fd",
+        "3",
+        "--",
+        python(),
+        "-c",
+        script,
+    ]);
+    cmd.args(args).current_dir("/");
+    Launch::start(cmd)
+}
+
+/// `lowport exec` joins the server's user namespace, where the server is root: the exec client is
+/// then, to the kernel, a process the server may trace, although it runs in the host's pid namespace
+/// with the user's terminal. The server unmounts its private /proc, finds the client in the host's,
+/// and tries its memory, environment and descriptors.
+#[test]
+fn a_server_cannot_reach_into_a_lowport_exec_client() {
+    let rt = Runtime::new("atk-client");
+    let marks = Markers::new("atk-client-marks");
+    let script = r#"
+import ctypes, errno, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+marks = sys.argv[1]
+if libc.umount2(b"/proc", 2) != 0:
+    sys.exit("umount /proc: %s" % errno.errorcode[ctypes.get_errno()])
+while not os.path.exists(marks + "/started"):
+    time.sleep(0.05)
+found = []
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if len(argv) > 2 and argv[0].endswith(b"lowport") and argv[1] == b"exec":
+        found.append(p)
+results = []
+for p in found:
+    for what, probe in (("mem", lambda: os.close(os.open(f"/proc/{p}/mem", os.O_RDWR))),
+                        ("environ", lambda: open(f"/proc/{p}/environ", "rb").read()),
+                        ("fd", lambda: os.listdir(f"/proc/{p}/fd"))):
+        try:
+            probe(); results.append(f"{what}: ok")
+        except OSError as e:
+            results.append(f"{what}: {errno.errorcode[e.errno]}")
+with open(marks + "/result.tmp", "w") as f:
+    f.write(f"clients: {len(found)}\n" + "\n".join(results) + "\n")
+os.rename(marks + "/result.tmp", marks + "/result")
+time.sleep(60)
+"#;
+    let _hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
+    let wait = format!(
+        "touch {}; i=0; while [ ! -e {} ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done",
+        marks.file("started"),
+        marks.file("result")
+    );
+    let (code, _, err) = rt.run(&["exec", "hostile", "--", "/bin/sh", "-c", &wait]);
+    assert_eq!(code, 0, "{err}");
+    let result = marks.wait_for("result");
+    assert!(result.starts_with("clients: 1\n"), "{result}");
+    assert!(
+        !result.contains(": ok"),
+        "the server reached the exec client:\n{result}"
+    );
+}
+
+/// The server rewrites another instance's `control` file with its own control socket's name: the
+/// user's `lowport exec victim` would then join the hostile server's namespaces, `port add` hand it
+/// a host socket, and `stop` stop the wrong instance.
+#[test]
+fn a_forged_control_file_does_not_send_the_user_to_another_instance() {
+    let rt = Runtime::new("atk-forge");
+    let marks = Markers::new("atk-forge-marks");
+    let _victim = start_http(&rt, "victim", &[]);
+    let script = r#"
+import os, sys, time
+root = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lowport")
+own = open(os.path.join(root, "hostile", "control")).read()
+with open(os.path.join(root, "victim", "control"), "w") as f:
+    f.write(own)
+open(sys.argv[1] + "/forged", "w").close()
+time.sleep(60)
+"#;
+    let mut hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
+    marks.wait_for("forged");
+    let (code, out, err) = rt.run(&["exec", "victim", "--", "/bin/echo", "joined"]);
+    assert_ne!(code, 0, "exec victim joined another instance: {out}");
+    assert!(
+        err.contains("instance 'victim'") && err.contains("'hostile'"),
+        "{err}"
+    );
+    let (code, _, err) = rt.run(&["port", "add", "victim", "127.0.0.1:0:80"]);
+    assert_ne!(code, 0, "{err}");
+    let (code, _, err) = rt.run(&["stop", "victim"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        hostile.child.try_wait().unwrap().is_none(),
+        "stop victim stopped the hostile instance"
+    );
+    let (_, ps, _) = rt.run(&["ps"]);
+    assert!(ps.contains("victim ") && ps.contains("hostile "), "{ps}");
+}
+
+/// Abstract socket names are listed in /proc/net/unix for everyone to read, and anyone may connect
+/// to them. Another user opens every connection the backlog takes and never sends a byte; the
+/// user's `lowport stop` must still be answered.
+#[test]
+fn another_user_cannot_hold_the_control_socket() {
+    if !require(is_root(), "root, to play another user") {
+        return;
+    }
+    let rt = Runtime::new("atk-hold");
+    let mut victim = start_http(&rt, "victim", &[]);
+    let script = r#"
+import socket, sys, time
+names = {l.split()[-1] for l in open("/proc/net/unix") if "@lowport/65534/victim/" in l}
+held = []
+for name in names:
+    for _ in range(64):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.setblocking(False)
+        try:
+            s.connect("\0" + name[1:])
+        except OSError:
+            break
+        held.append(s)
+print(len(names), len(held), flush=True)
+time.sleep(60)
+"#;
+    let mut other = unprivileged_as(65533, 65533, Path::new(python()));
+    other
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped());
+    let mut other = other.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let counts: Vec<u32> = line
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(counts[0], 1, "the other user does not see the name: {line}");
+    assert!(counts[1] > 0, "the other user could not connect: {line}");
+    let (code, _, err) = rt.run(&["stop", "victim"]);
+    let _ = other.kill();
+    let _ = other.wait();
+    assert_eq!(code, 0, "{err}");
+    victim.wait();
+}
+
+/// The server writes its own state.json: the user's `lowport ps` prints the command, and must not
+/// pass the server's escape sequences (window titles, screen clearing, and on some terminals
+/// answers typed back) to the user's terminal.
+#[test]
+fn ps_does_not_print_a_forged_states_escape_sequences() {
+    let rt = Runtime::new("atk-escape");
+    let marks = Markers::new("atk-escape-marks");
+    let script = r#"
+import json, os, sys, time
+marks = sys.argv[1]
+while not os.path.exists(marks + "/go"):
+    time.sleep(0.05)
+path = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lowport", "hostile", "state.json")
+state = json.load(open(path))
+state["command"] = ["\x1b]2;owned\x07\x1b[2J\x9b31m"]
+state["ports"] = [{"protocol": "tcp\x1b[1m", "host_ip": "\x1b[H", "host_port": 1, "port": 1,
+                   "mode": "relay\r"}]
+with open(path + ".new", "w") as f:
+    json.dump(state, f)
+os.rename(path + ".new", path)
+open(marks + "/forged", "w").close()
+time.sleep(60)
+"#;
+    let _hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
+    marks.create("go");
+    marks.wait_for("forged");
+    let (code, out, err) = rt.run(&["ps"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hostile "), "{out}");
+    assert!(
+        !out.contains(|c: char| c.is_control() && c != '\n'),
+        "ps printed control characters: {out:?}"
+    );
+    assert!(out.contains("\\x1b]2;owned"), "{out:?}");
+}
+
+/// The server replaces the files a client reads with FIFOs (or links to /dev/zero): `lowport ps`
+/// and `exec` must not wait for ever, nor read without end.
+#[test]
+fn clients_do_not_hang_on_a_fifo_in_the_state_directory() {
+    let rt = Runtime::new("atk-fifo");
+    let marks = Markers::new("atk-fifo-marks");
+    let script = r#"
+import os, sys, time
+marks = sys.argv[1]
+while not os.path.exists(marks + "/go"):
+    time.sleep(0.05)
+d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lowport", "hostile")
+for name in ("state.json", "control"):
+    os.unlink(os.path.join(d, name))
+    os.mkfifo(os.path.join(d, name), 0o600)
+open(marks + "/forged", "w").close()
+time.sleep(60)
+"#;
+    let _hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
+    marks.create("go");
+    marks.wait_for("forged");
+    let (code, out, err) = rt.run(&["ps"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hostile "), "{out}");
+    let (code, _, err) = rt.run(&["exec", "hostile", "--", "/bin/true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach instance 'hostile'"), "{err}");
+}
+
+/// Without XDG_RUNTIME_DIR the state lives in /tmp/lowport-UID, where another user could make the
+/// directory first. Here a sticky, world-writable runtime directory stands for /tmp (the real one
+/// is shared with the other tests): another user's directory, open or a symlink to one of the
+/// user's own, is refused, and a run without --name still runs.
+#[test]
+fn another_users_state_directory_is_refused() {
+    if !require(is_root(), "root, to play another user") {
+        return;
+    }
+    let shared = TempDir::new("atk-squat", None);
+    fs::set_permissions(shared.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let mine = TempDir::new("atk-squat-mine", Some((NOBODY, NOBODY)));
+    fs::set_permissions(mine.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    for plant in ["dir", "symlink"] {
+        let squat = shared.path().join("lowport");
+        let _ = fs::remove_file(&squat);
+        let _ = fs::remove_dir(&squat);
+        let mut make = unprivileged_as(65533, 65533, Path::new("/bin/sh"));
+        make.arg("-c");
+        if plant == "dir" {
+            make.arg(format!("mkdir -m 777 {}", squat.display()));
+        } else {
+            make.arg(format!(
+                "ln -s {} {}",
+                mine.path().display(),
+                squat.display()
+            ));
+        }
+        assert!(make.status().unwrap().success());
+        let mut cmd = lowport();
+        cmd.env("XDG_RUNTIME_DIR", shared.path())
+            .args(["run", "--name", "web", "--", "/bin/true"]);
+        let (code, _, err) = run_to_end(&mut cmd);
+        assert_eq!(code, 125, "{plant}: {err}");
+        assert!(err.contains("is not safe to use"), "{plant}: {err}");
+        let mut cmd = lowport();
+        cmd.env("XDG_RUNTIME_DIR", shared.path())
+            .args(["run", "--", "/bin/true"]);
+        let (code, _, err) = run_to_end(&mut cmd);
+        assert_eq!(code, 0, "{plant}: {err}");
+        assert!(err.contains("this run has no name"), "{plant}: {err}");
+        assert!(
+            fs::read_dir(mine.path()).unwrap().next().is_none(),
+            "{plant}: lowport wrote through the planted link"
+        );
+        let _ = fs::remove_file(&squat);
+        let _ = fs::remove_dir(&squat);
+    }
+}

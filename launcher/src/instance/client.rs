@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket;
 
-use super::control::{Reply, Request, ANSWER_TIMEOUT, MAX_MESSAGE};
+use super::control::{Envelope, Reply, Request, ANSWER_TIMEOUT, MAX_MESSAGE};
 use super::{InstanceError, PortState};
 use crate::publish::PublishSpec;
 use crate::sys;
@@ -81,11 +81,8 @@ pub fn ps(root: &Path, json: bool, out: &mut impl Write) -> Result<(), ClientErr
     })?;
     if json {
         let states: Vec<_> = listed.iter().filter_map(|l| l.state.clone()).collect();
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&states).unwrap_or_default()
-        );
+        let text = serde_json::to_string_pretty(&states).unwrap_or_default();
+        let _ = writeln!(out, "{}", json_printable(&text));
         return Ok(());
     }
     let now = std::time::SystemTime::now()
@@ -119,7 +116,7 @@ pub fn ps(root: &Path, json: bool, out: &mut impl Write) -> Result<(), ClientErr
                 String::new(),
             ],
         };
-        rows.push(row);
+        rows.push(row.map(|cell| printable(&cell)));
     }
     let widths: Vec<usize> = (0..4)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -133,6 +130,36 @@ pub fn ps(root: &Path, json: bool, out: &mut impl Write) -> Result<(), ClientErr
         let _ = writeln!(out, "{}", line.trim_end());
     }
     Ok(())
+}
+
+/// `text` with its control characters written as `\xNN`. What `ps` prints comes from `state.json`,
+/// which the server inside may rewrite (it runs as the user): raw, its escape sequences would reach
+/// the user's terminal, to retitle it, clear it, or on some terminals make it answer as if typed.
+fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+/// serde_json escapes the C0 controls but writes DEL and the C1 controls (U+0080 to U+009F, which
+/// some terminals take as escape sequences) as they are; they can only be inside strings, where
+/// `\u00NN` means the same.
+fn json_printable(json: &str) -> String {
+    let mut shown = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_control() && c != '\n' {
+            shown.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 /// `0.0.0.0:8080->80/tcp (handoff)`, as `ps` and `port` print a port.
@@ -162,7 +189,7 @@ fn uptime(secs: u64) -> String {
 fn ask(
     root: &Path,
     name: &str,
-    request: &Request,
+    request: Request,
     fds: &[std::os::fd::BorrowedFd],
 ) -> Result<(Reply, Vec<OwnedFd>, OwnedFd), ClientError> {
     let path = super::control_path(root, name)?;
@@ -173,7 +200,11 @@ fn ask(
     let conn = super::control::connect(&path).map_err(connect_error)?;
     let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as i64, 0);
     let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &timeout);
-    let text = serde_json::to_vec(request).unwrap_or_default();
+    let text = serde_json::to_vec(&Envelope {
+        instance: name.to_owned(),
+        request,
+    })
+    .unwrap_or_default();
     let no_answer = |source: io::Error| ClientError::NoAnswer {
         name: name.to_owned(),
         source,
@@ -198,7 +229,7 @@ fn ask(
 /// `lowport stop NAME`: SIGTERM to the command through lowport, then wait until lowport has exited;
 /// after `grace`, SIGKILL to lowport (its pid-1 helper dies with it, and the whole pid namespace).
 pub fn stop(root: &Path, name: &str, grace: Duration) -> Result<(), ClientError> {
-    let (reply, _, conn) = ask(root, name, &Request::Stop, &[])?;
+    let (reply, _, conn) = ask(root, name, Request::Stop, &[])?;
     let Reply::Stopping { .. } = reply else {
         return Err(ClientError::Refused {
             name: name.to_owned(),
@@ -285,7 +316,7 @@ pub fn port_add(
     let (reply, _, _) = ask(
         root,
         name,
-        &Request::PortAdd {
+        Request::PortAdd {
             spec: parsed.to_string(),
         },
         &fds,
@@ -309,7 +340,7 @@ pub fn port_rm(
     let (reply, _, _) = ask(
         root,
         name,
-        &Request::PortRm {
+        Request::PortRm {
             spec: spec.to_owned(),
         },
         &[],
@@ -333,7 +364,18 @@ fn print_ports(reply: Reply, out: &mut impl Write) {
 /// Must be called while the process has one thread: the kernel refuses setns(2) into a user or mount
 /// namespace otherwise.
 pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientError> {
-    let (reply, fds, _conn) = ask(root, name, &Request::Exec, &[])?;
+    // Once this process joins the instance's user namespace, its credentials belong to it, where the
+    // server is root: to the kernel's ptrace checks the server may then trace it, read its
+    // environment and descriptors (the user's terminal) and write its memory, through the host's
+    // /proc, which the server may uncover by unmounting its own. Yet this process stays in the host's
+    // pid namespace, where it could signal any process of the user. Not dumpable, it needs
+    // CAP_SYS_PTRACE in the host's user namespace, which the server lacks. The command it starts is
+    // dumpable again after its exec, as the server's own processes are.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| ClientError::Join {
+        name: name.to_owned(),
+        source: e.into(),
+    })?;
+    let (reply, fds, _conn) = ask(root, name, Request::Exec, &[])?;
     let Reply::Namespaces { kinds } = reply else {
         return Err(ClientError::Refused {
             name: name.to_owned(),
@@ -406,4 +448,26 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("nginx -g x"), "nginx -g x");
+        assert_eq!(
+            printable("a\u{1b}]2;t\u{7}\u{9b}1m\r"),
+            "a\\x1b]2;t\\x07\\x9b1m\\x0d"
+        );
+        let json = serde_json::to_string_pretty(&["\u{1b}\u{9b}\u{7f}é"]).unwrap();
+        let shown = json_printable(&json);
+        assert!(
+            !shown.contains(|c: char| c.is_control() && c != '\n'),
+            "{shown}"
+        );
+        let back: Vec<String> = serde_json::from_str(&shown).unwrap();
+        assert_eq!(back, ["\u{1b}\u{9b}\u{7f}é"]);
+    }
 }

@@ -39,6 +39,19 @@ pub enum Request {
     PortRm { spec: String },
 }
 
+/// A request as a client sends it: the instance it is meant for, and what it asks.
+///
+/// The server inside runs as the user and may rewrite the `control` file of any instance to name
+/// another one's socket (its own, say): the user's `lowport exec web` would then join the server's
+/// namespaces, `port add web` hand it a host socket, and `stop web` stop the wrong instance. The
+/// instance that answers checks the name, which only it and its client know for sure.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Envelope {
+    pub instance: String,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
 /// What the instance answers.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
@@ -168,7 +181,7 @@ pub fn listen(instance: &str, path: &Path) -> io::Result<OwnedFd> {
 
 /// Connects to the control socket named in `path`, and checks that its owner is this user.
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let name = std::fs::read_to_string(path)?;
+    let name = super::read_own_file(path)?;
     let sock = socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -192,6 +205,7 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
 /// Answers requests on `listener` on a thread of its own, one connection at a time, for as long as
 /// lowport runs.
 pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
+    let instance = bound_instance(&listener)?;
     std::thread::Builder::new()
         .name("lowport-control".into())
         .spawn(move || {
@@ -208,7 +222,7 @@ pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
                         return;
                     }
                 };
-                if let Some(keep) = answer(&conn, &served) {
+                if let Some(keep) = answer(&conn, &served, &instance) {
                     held.push(keep);
                 }
             }
@@ -216,9 +230,35 @@ pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
     Ok(())
 }
 
+/// The instance's name, from the abstract name [`listen`] bound (`lowport/UID/NAME/RANDOM`).
+fn bound_instance(listener: &OwnedFd) -> io::Result<String> {
+    let addr: UnixAddr = socket::getsockname(listener.as_raw_fd())?;
+    let name = addr
+        .as_abstract()
+        .and_then(|bytes| std::str::from_utf8(bytes).ok())
+        .and_then(|text| text.split('/').nth(2))
+        .filter(|name| super::valid_name(name));
+    name.map(str::to_owned)
+        .ok_or_else(|| io::Error::other("the control socket has no instance name"))
+}
+
 /// Answers one connection; returns it when it must stay open.
-fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
-    // A client that connects and says nothing must not keep the others waiting.
+fn answer(conn: &OwnedFd, served: &Served, instance: &str) -> Option<OwnedFd> {
+    // Anyone may connect to an abstract name, and /proc/net/unix lists them for everyone. Another
+    // user's connection is answered at once, without waiting for its request: one at a time, each
+    // waited for, connections that never send would keep the user's own `stop` out.
+    match socket::getsockopt(conn, sockopt::PeerCredentials) {
+        // Both uids as this user namespace sees them: the user who started lowport is its uid 0,
+        // another user is unmapped (65534) or one of the user's own subordinate ids.
+        Ok(cred) if cred.uid() == nix::unistd::getuid().as_raw() => {}
+        other => {
+            debug!(?other, "control connection from another user refused");
+            refuse(conn, "this instance belongs to another user");
+            return None;
+        }
+    }
+    // The user's own client sends at once; one that connects and says nothing (a process of the
+    // user's, since the server inside cannot connect) must not keep the others waiting long.
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(conn, sockopt::ReceiveTimeout, &timeout);
     // The request is read before anything is answered, also one that is refused: closing a
@@ -231,24 +271,22 @@ fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
             return None;
         }
     };
-    match socket::getsockopt(conn, sockopt::PeerCredentials) {
-        // Both uids as this user namespace sees them: the user who started lowport is its uid 0,
-        // another user is unmapped (65534) or one of the user's own subordinate ids.
-        Ok(cred) if cred.uid() == nix::unistd::getuid().as_raw() => {}
-        other => {
-            debug!(?other, "control connection from another user refused");
+    let request = match serde_json::from_slice::<Envelope>(&buf[..n]) {
+        Ok(envelope) if envelope.instance == instance => envelope.request,
+        Ok(envelope) => {
+            let asked = envelope.instance;
+            debug!(asked, "control request for another instance");
             reply(
                 conn,
                 &Reply::Error {
-                    message: "this instance belongs to another user".into(),
+                    message: format!(
+                        "lowport reached instance '{instance}' instead: the file naming the control socket of '{asked}' was changed (the servers run as you and may write it); restart '{asked}' to reach it again"
+                    ),
                 },
                 &[],
             );
             return None;
         }
-    }
-    let request: Request = match serde_json::from_slice(&buf[..n]) {
-        Ok(r) => r,
         Err(err) => {
             reply(
                 conn,
@@ -325,6 +363,22 @@ fn answer(conn: &OwnedFd, served: &Served) -> Option<OwnedFd> {
     }
 }
 
+/// Answers `message` without reading the request, then closes without a reset: shut down first, so
+/// that nothing more can arrive, then discard what came before (a message left unread would make the
+/// caller read ECONNRESET instead of the reason). Never waits.
+fn refuse(conn: &OwnedFd, message: &str) {
+    reply(
+        conn,
+        &Reply::Error {
+            message: message.into(),
+        },
+        &[],
+    );
+    let _ = socket::shutdown(conn.as_raw_fd(), socket::Shutdown::Both);
+    let mut byte = [0u8; 1];
+    while let Ok(1) = socket::recv(conn.as_raw_fd(), &mut byte, socket::MsgFlags::MSG_DONTWAIT) {}
+}
+
 fn ports_reply(answer: Result<Vec<PortState>, String>) -> Reply {
     match answer {
         Ok(ports) => Reply::Ports { ports },
@@ -380,5 +434,22 @@ mod tests {
                 spec: "8081:80".into()
             }
         );
+        let sent = Envelope {
+            instance: "web".into(),
+            request: Request::Stop,
+        };
+        let text = serde_json::to_string(&sent).unwrap();
+        assert_eq!(text, r#"{"instance":"web","request":"stop"}"#);
+        assert_eq!(serde_json::from_str::<Envelope>(&text).unwrap(), sent);
+        assert!(serde_json::from_str::<Envelope>(r#"{"request":"stop"}"#).is_err());
+    }
+
+    #[test]
+    fn the_serving_thread_knows_its_instance_from_the_bound_name() {
+        let dir = std::env::temp_dir().join(format!("lowport-unit-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = listen("web-2.x", &dir.join("control")).unwrap();
+        assert_eq!(bound_instance(&sock).unwrap(), "web-2.x");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -336,8 +336,39 @@ fn still_linked(file: &File, path: &Path) -> bool {
 }
 
 fn read_state(dir: &Path) -> Option<State> {
-    let text = fs::read_to_string(dir.join("state.json")).ok()?;
+    let text = read_own_file(&dir.join("state.json")).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// The largest `state.json` or `control` file a client reads.
+const MAX_FILE: usize = 1 << 20;
+
+/// Reads a file of an instance's directory. The server inside runs as the user and may replace it:
+/// by a FIFO, which would keep `lowport ps` waiting for ever, or a link to /dev/zero, which it
+/// would read without end. So no link is followed, the open does not wait, and only a regular file
+/// of at most [`MAX_FILE`] bytes is read.
+pub(crate) fn read_own_file(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE as u64 + 1).read_to_string(&mut text)?;
+    if text.len() > MAX_FILE {
+        return Err(io::Error::other(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 /// One entry of [`list`].
@@ -476,6 +507,22 @@ mod tests {
         let claim = Claim::take(&root, Some("old"), OsStr::new("x")).unwrap();
         assert!(!dir.join("state.json").exists());
         drop(claim);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let root = temp_root("read");
+        fs::write(root.join("state.json"), "{}").unwrap();
+        assert_eq!(read_own_file(&root.join("state.json")).unwrap(), "{}");
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read_own_file(&root.join("fifo")).is_err());
+        std::os::unix::fs::symlink(root.join("state.json"), root.join("link")).unwrap();
+        assert!(read_own_file(&root.join("link")).is_err());
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero")).unwrap();
+        assert!(read_own_file(&root.join("zero")).is_err());
+        fs::write(root.join("big"), vec![b' '; MAX_FILE + 1]).unwrap();
+        assert!(read_own_file(&root.join("big")).is_err());
         fs::remove_dir_all(&root).unwrap();
     }
 
