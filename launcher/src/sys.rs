@@ -1084,3 +1084,63 @@ pub fn set_nonblocking_flag(fd: std::os::fd::BorrowedFd, on: bool) -> io::Result
     }
     Ok(())
 }
+
+/// Makes the child that `command` starts the leader of a session of its own (setsid(2)) and, with
+/// `terminal` (a pty slave and which of descriptors 0, 1 and 2 it replaces), gives it that slave as
+/// its controlling terminal and standard descriptors (see `instance::session`). The child unblocks
+/// every signal: the parent blocks those it passes on, and std's spawn keeps the mask.
+pub fn new_session_on_spawn(
+    command: &mut std::process::Command,
+    terminal: Option<(RawFd, [bool; 3])>,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure calls only sigemptyset, sigprocmask, setsid, ioctl
+    // and dup2, which are async-signal-safe, on its own stack and its copies of two plain values.
+    unsafe {
+        command.pre_exec(move || {
+            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(none.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((slave, on)) = terminal {
+                if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                for (fd, replace) in on.iter().enumerate() {
+                    if *replace && libc::dup2(slave, fd as RawFd) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The window size of terminal `fd` (TIOCGWINSZ).
+pub fn window_size(fd: std::os::fd::BorrowedFd) -> io::Result<libc::winsize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct, which outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Sets the window size of terminal `fd` (TIOCSWINSZ), which sends SIGWINCH to its foreground group.
+pub fn set_window_size(fd: std::os::fd::BorrowedFd, size: &libc::winsize) -> io::Result<()> {
+    // SAFETY: TIOCSWINSZ reads a winsize from the struct, which outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -782,3 +782,163 @@ fn another_users_state_directory_is_refused() {
         let _ = fs::remove_dir(&squat);
     }
 }
+
+/// `lowport exec` from the user's terminal: the command it starts runs in the server's namespaces,
+/// where the server is root and may open the command's descriptors through /proc. Were the user's
+/// terminal among them, the server would keep it after the exec ended, read what the user types
+/// next in their shell (a password, say) and write to it. The test's pty is the user's terminal.
+#[test]
+fn a_server_cannot_keep_the_terminal_of_an_exec() {
+    let rt = Runtime::new("atk-tty");
+    let marks = Markers::new("atk-tty-marks");
+    let script = r#"
+import errno, os, sys, time
+marks = sys.argv[1]
+def wait(name):
+    while not os.path.exists(marks + "/" + name):
+        time.sleep(0.05)
+wait("started")
+tty = None
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if b"exec-marker" in argv:
+        tty = os.open(f"/proc/{p}/fd/0", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+open(marks + "/grabbed", "w").close()
+wait("ended")
+results = []
+try:
+    os.write(tty, b"\r\nPassword: "); results.append("write: ok")
+except OSError as e:
+    results.append(f"write: {errno.errorcode[e.errno]}")
+time.sleep(0.5)
+try:
+    results.append(f"read: {os.read(tty, 100)!r}")
+except OSError as e:
+    results.append(f"read: {errno.errorcode[e.errno]}")
+with open(marks + "/result.tmp", "w") as f:
+    f.write("\n".join(results) + "\n")
+os.rename(marks + "/result.tmp", marks + "/result")
+time.sleep(60)
+"#;
+    let _hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    if is_root() {
+        // A login gives the user's terminal to the user.
+        nix::unistd::fchown(
+            std::os::fd::AsRawFd::as_raw_fd(&pty.slave),
+            Some(nix::unistd::Uid::from_raw(NOBODY)),
+            None,
+        )
+        .unwrap();
+    }
+    let wait = format!(
+        "touch {}; i=0; while [ ! -e {} ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done",
+        marks.file("started"),
+        marks.file("grabbed")
+    );
+    let mut cmd = rt.lowport(&[
+        "exec",
+        "hostile",
+        "--",
+        "/bin/sh",
+        "-c",
+        &wait,
+        "exec-marker",
+    ]);
+    let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in 0..3 {
+                nix::unistd::dup2(slave, fd)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_with_deadline(&mut child, PATIENCE).expect("lowport exec hung");
+    let mut shown = [0u8; 4096];
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&pty.master),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let n =
+        nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&pty.master), &mut shown).unwrap_or(0);
+    assert_eq!(
+        exit_code(status),
+        0,
+        "{}",
+        String::from_utf8_lossy(&shown[..n])
+    );
+    // The user types into their shell, now that the exec is over.
+    nix::unistd::write(&pty.master, b"secret\n").unwrap();
+    marks.create("ended");
+    let result = marks.wait_for("result");
+    assert!(
+        !result.contains("write: ok") && !result.contains("secret"),
+        "the server kept the user's terminal:\n{result}"
+    );
+}
+
+/// The server is root in the mount namespace where `lowport exec` looks its command up, and may
+/// trace the command once it runs: what the exec'd command does is the server's to choose. Here it
+/// mounts its own program over /bin/true, which sends SIGTERM to its process group. Started from a
+/// script, the exec'd command must not share the script's group, where the script and its other
+/// children (a `sleep` stands for them) live outside every namespace of the server.
+#[test]
+fn a_server_cannot_signal_the_process_group_of_an_exec() {
+    let rt = Runtime::new("atk-pgrp");
+    let marks = Markers::new("atk-pgrp-marks");
+    let trojan = marks.0.write("trojan", "#!/bin/sh\nkill -TERM 0\n");
+    fs::set_permissions(&trojan, fs::Permissions::from_mode(0o755)).unwrap();
+    let script = r#"
+import ctypes, errno, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+MS_BIND = 4096
+if libc.mount(sys.argv[1].encode(), b"/bin/true", None, MS_BIND, None) != 0:
+    sys.exit("mount: %s" % errno.errorcode[ctypes.get_errno()])
+open(sys.argv[2] + "/mounted", "w").close()
+time.sleep(60)
+"#;
+    let _hostile = start_script(
+        &rt,
+        "hostile",
+        script,
+        &[&trojan.display().to_string(), &marks.file("")],
+    );
+    marks.wait_for("mounted");
+    let pidfile = marks.path().join("sleep.pid");
+    let shell = format!(
+        "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pid}; {lowport} exec hostile -- /bin/true </dev/null; echo exec=$?",
+        pid = pidfile.display(),
+        lowport = lowport_bin().display(),
+    );
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, Path::new("/bin/sh"));
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.env("XDG_RUNTIME_DIR", rt.path()).args(["-c", &shell]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    let sleep: u32 = fs::read_to_string(&pidfile)
+        .expect("the shell wrote the sleep's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = process_exists(sleep);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleep as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(code, 0, "the calling shell was killed: {out} {err}");
+    assert!(
+        alive,
+        "the sleep in the caller's group was killed: {out} {err}"
+    );
+    assert!(out.contains("exec=143"), "{out} {err}");
+}

@@ -358,8 +358,9 @@ fn print_ports(reply: Reply, out: &mut impl Write) {
 }
 
 /// `lowport exec NAME -- COMMAND`: joins the instance's user, mount, network and pid namespaces and
-/// runs COMMAND there as uid 0, in the caller's directory (when it exists inside) and environment.
-/// Returns its exit status, 128 + N when signal N killed it.
+/// runs COMMAND there as uid 0, in the caller's directory (when it exists inside) and environment,
+/// in a session of its own and on a pty of its own ([`super::session`]). Returns its exit status,
+/// 128 + N when signal N killed it.
 ///
 /// Must be called while the process has one thread: the kernel refuses setns(2) into a user or mount
 /// namespace otherwise.
@@ -391,6 +392,13 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
             "the instance sent the wrong descriptors",
         )));
     }
+    // Before joining: the pty must come from the host's /dev/ptmx, not one the server mounted.
+    let mut session = super::session::Session::prepare().map_err(|e| {
+        join_error(io::Error::new(
+            e.kind(),
+            format!("cannot prepare the command's terminal: {e}"),
+        ))
+    })?;
     let cwd = std::env::current_dir().ok();
     // The user namespace first: it gives the capabilities that joining the others takes. The pid
     // namespace applies to children only, hence the spawn below.
@@ -405,8 +413,8 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
             let _ = std::env::set_current_dir("/");
         }
     }
-    // As for the command itself: whatever runs here shares the caller's terminal, and the server,
-    // root in these namespaces, could make it type into the caller's shell.
+    // As for the command itself: whatever runs here could otherwise type into the caller's shell
+    // (with its pty, through the caller's terminal when only standard input is redirected).
     sys::install_command_filter(sys::FilterKind::Terminal).map_err(join_error)?;
 
     let program = argv[0].to_string_lossy().into_owned();
@@ -420,7 +428,7 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
     ] {
         command.env_remove(var);
     }
-    let mut child = command.spawn().map_err(|source| {
+    let child = session.spawn(&mut command).map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound {
             ClientError::NotFound {
                 program: program.clone(),
@@ -432,14 +440,7 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
             }
         }
     })?;
-    // Ctrl-C reaches the command through the terminal's process group; this process only waits.
-    for sig in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGQUIT,
-    ] {
-        sys::ignore_signal(sig);
-    }
-    let status = child.wait().map_err(|source| ClientError::Exec {
+    let status = session.wait(child).map_err(|source| ClientError::Exec {
         program: program.clone(),
         source,
     })?;

@@ -19,6 +19,7 @@
 pub mod client;
 pub mod control;
 pub mod live;
+pub mod session;
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
