@@ -803,7 +803,10 @@ pub fn recv_with_fds(
     buf: &mut [u8],
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut space = nix::cmsg_space!([RawFd; 16]);
+    // Room for as many descriptors as one message can carry (SCM_MAX_FD): with less, the kernel
+    // would still install the first ones, and nix, seeing MSG_CTRUNC, would give none of them
+    // back, so each such message would leak descriptors into this process.
+    let mut space = nix::cmsg_space!([RawFd; 253]);
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),

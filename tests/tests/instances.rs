@@ -942,3 +942,66 @@ time.sleep(60)
     );
     assert!(out.contains("exec=143"), "{out} {err}");
 }
+
+/// A process of the user's own on the host may reach the control socket. A message larger than any
+/// request, with as many descriptors as a message can carry, is refused; lowport keeps none of
+/// them, and answers the next client.
+#[test]
+fn a_huge_request_with_many_descriptors_is_refused_and_nothing_is_kept() {
+    if !require(is_root(), "root, to count lowport's descriptors") {
+        return;
+    }
+    let rt = Runtime::new("atk-huge");
+    let launch = start_http(&rt, "web", &[]);
+    let open_fds = || {
+        fs::read_dir(format!("/proc/{}/fd", launch.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = open_fds();
+    let script = r#"
+import os, socket, sys
+name = open(sys.argv[1]).read().strip()
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(250)]
+for size in (200000, 100):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect("\0" + name)
+    socket.send_fds(s, [b"{" * size], fds)
+    print(s.recv(65536).decode(), flush=True)
+"#;
+    let control = rt.instance_dir("web").join("control");
+    let mut cmd = unprivileged_as(NOBODY, NOBODY, Path::new(python()));
+    cmd.args(["-c", script, &control.display().to_string()]);
+    let (code, out, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("not a request").count(), 2, "{out}");
+    assert_eq!(open_fds(), before, "lowport kept descriptors it was sent");
+    let (code, _, err) = rt.run(&["port", "rm", "web", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no published port matches"), "{err}");
+}
+
+/// The server removes its own instance's directory (it runs as the user): `ps` no longer lists the
+/// instance, but lowport goes on serving, and ends as it would have, without removing what a new
+/// instance of the same name has put there since.
+#[test]
+fn an_instance_whose_directory_vanished_serves_and_ends_cleanly() {
+    let rt = Runtime::new("atk-vanish");
+    let mut launch = start_http(&rt, "web", &["--forward", "relay"]);
+    let removal = format!("rm -rf {}", rt.instance_dir("web").display());
+    let mut rm = unprivileged_as(NOBODY, NOBODY, Path::new("/bin/sh"));
+    assert!(rm.args(["-c", &removal]).status().unwrap().success());
+    let (code, out, _) = rt.run(&["ps"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}");
+    // Its control socket is still there, found by no one: a new instance takes the name.
+    let _second = start_http(&rt, "web", &[]);
+    assert!(matches!(http(launch.addr(), "GET", "/", b""), Ok((200, _))));
+    launch.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = launch.wait();
+    assert_eq!(exit_code(status), 128 + 15);
+    let err = launch.stderr();
+    assert!(!err.contains("panicked"), "{err}");
+    // The directory is the second instance's now, and the first one's end left it alone.
+    let (_, ps, _) = rt.run(&["ps"]);
+    assert!(ps.contains("web "), "{ps}");
+}

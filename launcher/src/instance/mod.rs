@@ -301,6 +301,11 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        // The directory may have been removed while lowport ran (the server runs as the user), and
+        // the name claimed again since: then nothing here is ours to remove.
+        if !still_linked(&self.lock, &self.dir.join("lock")) {
+            return;
+        }
         // Everything but the lock first: a `ps` that takes the lock after this sees nothing of ours.
         let _ = fs::remove_file(self.dir.join("control"));
         let _ = fs::remove_file(self.dir.join("state.json"));
@@ -491,6 +496,20 @@ mod tests {
         assert!(!root.join("web").exists());
         assert_eq!(list(&root).unwrap().len(), 1);
         drop(second);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_claim_whose_directory_was_taken_over_leaves_it_alone() {
+        let root = temp_root("over");
+        let first = Claim::take(&root, Some("web"), OsStr::new("x")).unwrap();
+        fs::remove_dir_all(root.join("web")).unwrap();
+        let second = Claim::take(&root, Some("web"), OsStr::new("x")).unwrap();
+        drop(first);
+        assert!(root.join("web").join("lock").exists());
+        assert_eq!(list(&root).unwrap().len(), 1);
+        drop(second);
+        assert!(!root.join("web").exists());
         fs::remove_dir_all(&root).unwrap();
     }
 
