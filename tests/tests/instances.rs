@@ -527,6 +527,19 @@ fn start_script(rt: &Runtime, name: &str, script: &str, args: &[&str]) -> Launch
     Launch::start(cmd)
 }
 
+/// A pty for a test to play the user's terminal; neither end leaks into what the test starts.
+fn test_pty() -> nix::pty::OpenptyResult {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    pty
+}
+
 /// `lowport exec` joins the server's user namespace, where the server is root: the exec client is
 /// then, to the kernel, a process the server may trace, although it runs in the host's pid namespace
 /// with the user's terminal. The server unmounts its private /proc, finds the client in the host's,
@@ -824,7 +837,7 @@ os.rename(marks + "/result.tmp", marks + "/result")
 time.sleep(60)
 "#;
     let _hostile = start_script(&rt, "hostile", script, &[&marks.file("")]);
-    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let pty = test_pty();
     if is_root() {
         // A login gives the user's terminal to the user.
         nix::unistd::fchown(
@@ -1004,4 +1017,50 @@ fn an_instance_whose_directory_vanished_serves_and_ends_cleanly() {
     // The directory is the second instance's now, and the first one's end left it alone.
     let (_, ps, _) = rt.run(&["ps"]);
     assert!(ps.contains("web "), "{ps}");
+}
+
+/// What the server could take from the exec'd command through /proc/PID/fd: only its standard
+/// descriptors, not the namespaces, the control connection, or the relay's own (pty master,
+/// signalfd, pidfd). With and without a terminal.
+#[test]
+fn an_exec_command_holds_only_its_standard_descriptors() {
+    let rt = Runtime::new("atk-fds");
+    let _web = start_http(&rt, "web", &[]);
+    let list = "for f in /proc/$$/fd/*; do printf '%s ' ${f##*/}; done";
+    // What the same shell holds started without lowport: what this test inherited, and the
+    // directory the glob reads.
+    let (_, plain, _) =
+        run_to_end(unprivileged_as(NOBODY, NOBODY, Path::new("/bin/sh")).args(["-c", list]));
+    let (code, out, err) = rt.run(&["exec", "web", "--", "/bin/sh", "-c", list]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), plain.trim());
+    let pty = test_pty();
+    let mut cmd = rt.lowport(&["exec", "web", "--", "/bin/sh", "-c", list]);
+    let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in 0..3 {
+                nix::unistd::dup2(slave, fd)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_with_deadline(&mut child, PATIENCE).expect("lowport exec hung");
+    assert_eq!(exit_code(status), 0);
+    drop(pty.slave);
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&pty.master), &mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&shown).trim(), plain.trim());
 }
