@@ -413,8 +413,8 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
             let _ = std::env::set_current_dir("/");
         }
     }
-    // As for the command itself: whatever runs here could otherwise type into the caller's shell
-    // (with its pty, through the caller's terminal when only standard input is redirected).
+    // As for the command of `lowport run`. The command never has the caller's terminal (see
+    // `session`), so this is a second wall: were it to get it, it could type into the caller's shell.
     sys::install_command_filter(sys::FilterKind::Terminal).map_err(join_error)?;
 
     let program = argv[0].to_string_lossy().into_owned();
