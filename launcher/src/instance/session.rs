@@ -109,7 +109,14 @@ impl Session {
             None => None,
             Some(user) => {
                 let user = user?;
-                let settings = termios::tcgetattr(&user).ok();
+                let mut settings = termios::tcgetattr(&user).ok();
+                if !replaced[0] {
+                    // The user's terminal is not put in raw mode when the input is not read from
+                    // it, and does its own output processing ("\n" to "\r\n"): once is enough.
+                    if let Some(settings) = &mut settings {
+                        settings.output_flags.remove(termios::OutputFlags::OPOST);
+                    }
+                }
                 let size = sys::window_size(user.as_fd()).ok();
                 let pair = nix::pty::openpty(size.as_ref(), settings.as_ref())?;
                 for fd in [&pair.master, &pair.slave] {
