@@ -32,7 +32,7 @@ use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::sys;
 
-/// The signals passed on to the command, and SIGWINCH.
+/// The signals passed on to the command. SIGWINCH, handled as well, resizes its pty instead.
 const PASSED_ON: [Signal; 4] = [
     Signal::SIGINT,
     Signal::SIGQUIT,
