@@ -32,6 +32,10 @@
 //! - [`rtnetlink`]: the routes that let the relay connect from a client's own address.
 //! - [`sys`]: the few raw system calls, and every `unsafe` block.
 //!
+//! [`instance`] keeps a run's name and state (`$XDG_RUNTIME_DIR/lowport/NAME/`) and answers
+//! `lowport ps`, `exec`, `stop` and `port` on a control socket; [`init`] gives the command a
+//! private /proc in a mount namespace of its own.
+//!
 //! [`doctor`] (`lowport doctor`) runs the namespace, id-mapping and handoff steps of a launch in
 //! forked children and reads what the other modules read, to say what this machine allows.
 
