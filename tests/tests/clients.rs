@@ -573,9 +573,18 @@ fn idle_connections_hold_no_pipe() {
     .arg(demo_server_bin());
     let launch = Launch::start(cmd);
     let pid = launch.child.id();
-    // Before any connection: a relayed connection that is closing would count.
-    let sockets_before = fds_of(pid, "socket:");
     wait_healthy(launch.addr());
+    // The baseline once lowport's socket count holds still: a relayed /healthz connection still
+    // closing, or a socket of set-up not yet closed, would count otherwise (a run here once
+    // stayed one short of the target for the whole wait).
+    let mut sockets_before = fds_of(pid, "socket:");
+    eventually("lowport's sockets to settle", || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = fds_of(pid, "socket:");
+        let settled = now == sockets_before;
+        sockets_before = now;
+        settled.then_some(())
+    });
     let mut conns: Vec<TcpStream> = (0..N)
         .map(|_| {
             let s = TcpStream::connect(launch.addr()).unwrap();
