@@ -712,15 +712,7 @@ async fn supervise(
                 let (shutdown, done) = control.split();
                 let limit = tcp_limit.clone();
                 tokio::spawn(async move {
-                    let stop = async move {
-                        match removal {
-                            Some(removal) => tokio::select! {
-                                () = shutdown => {}
-                                () = crate::instance::live::removed(removal) => {}
-                            },
-                            None => shutdown.await,
-                        }
-                    };
+                    let stop = stop_or_removed(shutdown, removal);
                     let mut stop = std::pin::pin!(stop);
                     if let Some((spec, addr)) = waits {
                         tokio::select! {
@@ -945,15 +937,7 @@ fn start_udp_relay(
                                 }
                                 None => (futures_either(None), None),
                             };
-                            let stop = async move {
-                                match removal {
-                                    Some(removal) => tokio::select! {
-                                        () = shutdown => {}
-                                        () = crate::instance::live::removed(removal) => {}
-                                    },
-                                    None => shutdown.await,
-                                }
-                            };
+                            let stop = stop_or_removed(shutdown, removal);
                             let budget = budget.clone();
                             tokio::spawn(udp::serve(socket, target, idle, budget, stop, done));
                         }
@@ -991,6 +975,21 @@ type UdpRelayed = (
     Option<RelayControl>,
     Option<tokio::sync::oneshot::Receiver<()>>,
 );
+
+/// Resolves when the relay's `shutdown` does (the handoff took its socket) or, with `removal`, when
+/// `lowport port rm` withdraws the port.
+async fn stop_or_removed(
+    shutdown: impl std::future::Future<Output = ()>,
+    removal: Option<tokio::sync::oneshot::Receiver<()>>,
+) {
+    match removal {
+        Some(removal) => tokio::select! {
+            () = shutdown => {}
+            () = crate::instance::live::removed(removal) => {}
+        },
+        None => shutdown.await,
+    }
+}
 
 /// `shutdown`, or a future that never resolves.
 async fn futures_either(shutdown: Option<impl std::future::Future<Output = ()>>) {

@@ -528,6 +528,29 @@ fn start_script(rt: &Runtime, name: &str, script: &str, args: &[&str]) -> Launch
 }
 
 /// A pty for a test to play the user's terminal; neither end leaks into what the test starts.
+/// Spawns `cmd` in a session of its own whose controlling terminal, and standard descriptors, are
+/// `pty`'s slave: as a user's `lowport exec` in a terminal.
+fn spawn_on_terminal(
+    cmd: &mut std::process::Command,
+    pty: &nix::pty::OpenptyResult,
+) -> std::process::Child {
+    let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in 0..3 {
+                nix::unistd::dup2(slave, fd)?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
 fn test_pty() -> nix::pty::OpenptyResult {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     for fd in [&pty.master, &pty.slave] {
@@ -865,21 +888,7 @@ time.sleep(60)
         &wait,
         "exec-marker",
     ]);
-    let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for fd in 0..3 {
-                nix::unistd::dup2(slave, fd)?;
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_on_terminal(&mut cmd, &pty);
     let status = wait_with_deadline(&mut child, PATIENCE).expect("lowport exec hung");
     let mut shown = [0u8; 4096];
     nix::fcntl::fcntl(
@@ -1040,21 +1049,7 @@ fn an_exec_command_holds_only_its_standard_descriptors() {
     assert_eq!(out.trim(), plain.trim());
     let pty = test_pty();
     let mut cmd = rt.lowport(&["exec", "web", "--", "/bin/sh", "-c", list]);
-    let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for fd in 0..3 {
-                nix::unistd::dup2(slave, fd)?;
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_on_terminal(&mut cmd, &pty);
     let status = wait_with_deadline(&mut child, PATIENCE).expect("lowport exec hung");
     assert_eq!(exit_code(status), 0);
     drop(pty.slave);
