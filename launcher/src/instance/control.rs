@@ -276,25 +276,13 @@ fn answer(conn: &OwnedFd, served: &Served, instance: &str) -> Option<OwnedFd> {
         Ok(envelope) => {
             let asked = envelope.instance;
             debug!(asked, "control request for another instance");
-            reply(
-                conn,
-                &Reply::Error {
-                    message: format!(
+            answer_error(conn, format!(
                         "lowport reached instance '{instance}' instead: the file naming the control socket of '{asked}' was changed (the servers run as you and may write it); restart '{asked}' to reach it again"
-                    ),
-                },
-                &[],
-            );
+                    ));
             return None;
         }
         Err(err) => {
-            reply(
-                conn,
-                &Reply::Error {
-                    message: format!("not a request: {err}"),
-                },
-                &[],
-            );
+            answer_error(conn, format!("not a request: {err}"));
             return None;
         }
     };
@@ -307,12 +295,9 @@ fn answer(conn: &OwnedFd, served: &Served, instance: &str) -> Option<OwnedFd> {
             let (user, net) = match (own("user"), own("net")) {
                 (Ok(u), Ok(n)) => (u, n),
                 (Err(err), _) | (_, Err(err)) => {
-                    reply(
+                    answer_error(
                         conn,
-                        &Reply::Error {
-                            message: format!("cannot open the instance's namespaces: {err}"),
-                        },
-                        &[],
+                        format!("cannot open the instance's namespaces: {err}"),
                     );
                     return None;
                 }
@@ -377,6 +362,17 @@ fn refuse(conn: &OwnedFd, message: &str) {
     let _ = socket::shutdown(conn.as_raw_fd(), socket::Shutdown::Both);
     let mut byte = [0u8; 1];
     while let Ok(1) = socket::recv(conn.as_raw_fd(), &mut byte, socket::MsgFlags::MSG_DONTWAIT) {}
+}
+
+/// Answers with an error the client prints.
+fn answer_error(conn: &OwnedFd, message: impl Into<String>) {
+    reply(
+        conn,
+        &Reply::Error {
+            message: message.into(),
+        },
+        &[],
+    );
 }
 
 fn ports_reply(answer: Result<Vec<PortState>, String>) -> Reply {
