@@ -224,39 +224,11 @@ pub fn bind_inside(routes: &[Route]) -> Result<Vec<Inner>, OutwardError> {
             what,
             source,
         };
-        let domain = if addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let kind = match route.protocol {
-            Protocol::Tcp => libc::SOCK_STREAM,
-            Protocol::Udp => libc::SOCK_DGRAM,
-        };
-        let fd = match sys::socket(domain, kind, 0) {
+        let fd = match listen_local(addr, route.protocol) {
             Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && addr.is_ipv6() => {
                 debug!(%addr, "no IPv6 in this kernel; not mirrored");
                 continue;
             }
-            other => other.map_err(err)?,
-        };
-        let bound = (|| {
-            if addr.is_ipv6() {
-                sys::set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-            }
-            // A resolver's address that is not on `lo` is local by a route only.
-            forward::allow_foreign_bind(&fd)?;
-            sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-            nix::sys::socket::bind(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &nix::sys::socket::SockaddrStorage::from(addr),
-            )?;
-            if route.protocol == Protocol::Tcp {
-                nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
-            }
-            hostside::set_nonblocking(&fd)
-        })();
-        match bound {
             // `lo` has no ::1 when IPv6 is disabled (sysctl disable_ipv6 or ipv6.disable=1).
             Err(e)
                 if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
@@ -266,7 +238,7 @@ pub fn bind_inside(routes: &[Route]) -> Result<Vec<Inner>, OutwardError> {
                 continue;
             }
             other => other.map_err(err)?,
-        }
+        };
         let socket = match route.protocol {
             Protocol::Tcp => InnerSocket::Tcp(std::net::TcpListener::from(fd)),
             Protocol::Udp => InnerSocket::Udp(std::net::UdpSocket::from(fd)),
@@ -277,6 +249,30 @@ pub fn bind_inside(routes: &[Route]) -> Result<Vec<Inner>, OutwardError> {
         });
     }
     Ok(out)
+}
+
+/// A socket of lowport's own on `addr` inside, non-blocking, listening for TCP: IPv6-only for an
+/// IPv6 address, and free to take an address that is local by a route only (a resolver's).
+fn listen_local(addr: SocketAddr, protocol: Protocol) -> io::Result<OwnedFd> {
+    let kind = match protocol {
+        Protocol::Tcp => libc::SOCK_STREAM,
+        Protocol::Udp => libc::SOCK_DGRAM,
+    };
+    let fd = sys::socket(domain_of(&addr), kind, 0)?;
+    if addr.is_ipv6() {
+        sys::set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    forward::allow_foreign_bind(&fd)?;
+    sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::SockaddrStorage::from(addr),
+    )?;
+    if protocol == Protocol::Tcp {
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
+    }
+    hostside::set_nonblocking(&fd)?;
+    Ok(fd)
 }
 
 /// What the relays share: the host side's channel and the bounds.
@@ -311,36 +307,18 @@ pub fn serve(inner: Vec<Inner>, shared: &Shared) -> io::Result<()> {
 /// refused. lowport listens on 127.0.0.1:PORT (or [::1]:PORT for an IPv6 host address) inside and
 /// relays each connection to the host address, from the host's side.
 pub fn mirror_handed(port: u16, host: SocketAddr, shared: &Shared) -> io::Result<SocketAddr> {
-    let (inner_ip, to_ip) = match host.ip() {
-        IpAddr::V4(ip) => (
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            if ip.is_unspecified() {
-                IpAddr::V4(Ipv4Addr::LOCALHOST)
-            } else {
-                IpAddr::V4(ip)
-            },
-        ),
-        IpAddr::V6(ip) => (
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-            if ip.is_unspecified() {
-                IpAddr::V6(Ipv6Addr::LOCALHOST)
-            } else {
-                IpAddr::V6(ip)
-            },
-        ),
+    let inner_ip = match host.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    // A wildcard host address is reached on the host's loopback of the same family.
+    let to_ip = if host.ip().is_unspecified() {
+        inner_ip
+    } else {
+        host.ip()
     };
     let inner = SocketAddr::new(inner_ip, port);
-    let fd = sys::socket(domain_of(&inner), libc::SOCK_STREAM, 0)?;
-    if inner.is_ipv6() {
-        sys::set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-    }
-    sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    nix::sys::socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &nix::sys::socket::SockaddrStorage::from(inner),
-    )?;
-    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
-    hostside::set_nonblocking(&fd)?;
+    let fd = listen_local(inner, Protocol::Tcp)?;
     let listener = TcpListener::from_std(std::net::TcpListener::from(fd))?;
     forward::mark_mirrored(inner);
     tokio::spawn(serve_tcp(

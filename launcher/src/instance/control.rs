@@ -153,12 +153,7 @@ pub struct Served {
 /// `path` (mode 0600) for clients. A random name cannot be taken first by another user; a client
 /// also checks that the socket's owner is itself.
 pub fn listen(instance: &str, path: &Path) -> io::Result<OwnedFd> {
-    let sock = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let sock = seqpacket()?;
     let mut random = [0u8; 12];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut random)?;
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
@@ -179,15 +174,21 @@ pub fn listen(instance: &str, path: &Path) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
-/// Connects to the control socket named in `path`, and checks that its owner is this user.
-pub fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let name = super::read_own_file(path)?;
-    let sock = socket::socket(
+/// A close-on-exec `SOCK_SEQPACKET` UNIX socket: one request or reply per message, descriptors
+/// attached.
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// Connects to the control socket named in `path`, and checks that its owner is this user.
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let name = super::read_own_file(path)?;
+    let sock = seqpacket()?;
     socket::connect(
         sock.as_raw_fd(),
         &UnixAddr::new_abstract(name.trim().as_bytes())?,
