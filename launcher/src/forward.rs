@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -63,12 +63,12 @@ fn mirror_bit(addr: &SocketAddr) -> (usize, u64) {
 /// Notes that lowport listens on `addr` inside as a mirror.
 pub fn mark_mirrored(addr: SocketAddr) {
     let (word, bit) = mirror_bit(&addr);
-    MIRRORED[word].fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+    MIRRORED[word].fetch_or(bit, Ordering::Relaxed);
 }
 
 fn is_mirrored(addr: &SocketAddr) -> bool {
     let (word, bit) = mirror_bit(addr);
-    MIRRORED[word].load(std::sync::atomic::Ordering::Relaxed) & bit != 0
+    MIRRORED[word].load(Ordering::Relaxed) & bit != 0
 }
 
 impl Target {
@@ -207,16 +207,35 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     let local = listener.local_addr().ok();
+    // What the latest relayed connection found inside: a client whose socket inside could not be
+    // opened for want of descriptors or memory is closed, and accepting more at once would only close
+    // them too, so lowport backs off and the next clients wait in the backlog. Back-off ends once a
+    // connection gets its socket inside.
+    let inside = Arc::new(AtomicU8::new(INSIDE_UNKNOWN));
     loop {
+        match inside.swap(INSIDE_UNKNOWN, Ordering::Relaxed) {
+            INSIDE_SHORT => {
+                warn!(
+                    ?local,
+                    delay_ms = backoff.as_millis() as u64,
+                    "cannot open a socket inside; backing off"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            INSIDE_OPENED => backoff = Duration::from_millis(5),
+            _ => {}
+        }
         match listener.accept().await {
             Ok((client, peer)) => {
-                backoff = Duration::from_millis(5);
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
                 };
                 let target = *target;
+                let report = inside.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = handle(client, peer, &target, options).await {
+                    if let Err(err) = handle(client, peer, &target, options, &report).await {
                         debug!(%peer, ?err, "connection ended with an error");
                     }
                     drop(permit);
@@ -245,13 +264,30 @@ fn is_resource_shortage(err: &io::Error) -> bool {
     )
 }
 
+/// What a relayed connection found when it opened its socket inside (see `accept_loop`).
+const INSIDE_UNKNOWN: u8 = 0;
+const INSIDE_OPENED: u8 = 1;
+const INSIDE_SHORT: u8 = 2;
+
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     target: &Target,
     options: Options,
+    inside: &AtomicU8,
 ) -> io::Result<()> {
-    let upstream = connect(target, &peer).await?;
+    let upstream = match connect(target, &peer).await {
+        Ok(upstream) => {
+            inside.store(INSIDE_OPENED, Ordering::Relaxed);
+            upstream
+        }
+        Err(err) => {
+            if is_resource_shortage(&err) {
+                inside.store(INSIDE_SHORT, Ordering::Relaxed);
+            }
+            return Err(err);
+        }
+    };
     // The client's socket inherits TCP_NODELAY from the listener (see `serve`).
     upstream.set_nodelay(true)?;
     relay(&client, &upstream, options.half_closed_timeout).await

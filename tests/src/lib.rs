@@ -335,6 +335,35 @@ pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStat
     }
 }
 
+/// Open descriptors of `pid`, from /proc.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Samples `pid`'s descriptor count every 50 ms until five samples in a row agree (at most
+/// [`PATIENCE`]); returns the count.
+pub fn settled_fds(pid: u32) -> usize {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = usize::MAX;
+    let mut same = 0;
+    loop {
+        let n = fd_count(pid).expect("lowport's /proc/PID/fd");
+        if n == last {
+            same += 1;
+            if same >= 5 {
+                return n;
+            }
+        } else {
+            same = 0;
+            last = n;
+        }
+        if Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `f` until it returns `Some`, up to [`PATIENCE`].
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;

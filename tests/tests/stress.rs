@@ -53,11 +53,6 @@ fn raise_own_nofile() -> u64 {
     hard
 }
 
-/// Open descriptors of `pid`, from /proc.
-fn fd_count(pid: u32) -> Option<usize> {
-    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
-}
-
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
     proc_status_field(pid, "VmRSS")?
@@ -249,30 +244,6 @@ fn port_of(launch: &Launch, protocol: &str) -> SocketAddr {
         .find(|p| p.protocol == protocol)
         .unwrap_or_else(|| panic!("no {protocol} port in {}", launch.ready_line));
     SocketAddr::new(p.host_ip.parse().expect("host_ip"), p.host_port)
-}
-
-/// Samples `pid`'s descriptor count every 50 ms until five samples in a row agree (at most
-/// [`PATIENCE`]); returns the count.
-fn settled_fds(pid: u32) -> usize {
-    let deadline = Instant::now() + PATIENCE;
-    let mut last = usize::MAX;
-    let mut same = 0;
-    loop {
-        let n = fd_count(pid).expect("lowport's /proc/PID/fd");
-        if n == last {
-            same += 1;
-            if same >= 5 {
-                return n;
-            }
-        } else {
-            same = 0;
-            last = n;
-        }
-        if Instant::now() > deadline {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One request with its own connection and short timeouts; true when the answer is 200.
