@@ -973,6 +973,43 @@ pub fn nginx_bin() -> Option<&'static str> {
     tool(&["/usr/sbin/nginx", "/usr/bin/nginx"])
 }
 
+/// An nginx.conf for the tests: no daemon, its pid file and temporary files in `dir`, logs to
+/// stderr, one `http { server { } }`.
+pub struct NginxConf<'a> {
+    /// Worker processes under a master; 0 for one process with no master.
+    pub workers: u32,
+    /// The `user` directive's value: `root root` where uid 0 is the only uid inside.
+    pub user: &'a str,
+    /// The `error_log stderr` level.
+    pub log_level: &'a str,
+    /// Directives of the `http` block before the temporary paths (`access_log off;` at least).
+    pub http: &'a str,
+    /// The body of the one `server` block.
+    pub server: &'a str,
+}
+
+impl NginxConf<'_> {
+    /// The configuration's text, with paths in `dir`.
+    pub fn text(&self, dir: &Path) -> String {
+        let d = dir.display();
+        let processes = match self.workers {
+            0 => "master_process off;\n".to_owned(),
+            n => format!("master_process on;\nworker_processes {n};\n"),
+        };
+        format!(
+            "daemon off;\n{processes}user {user};\npid {d}/nginx.pid;\nerror_log stderr {level};\n\
+             events {{ worker_connections 64; }}\nhttp {{\n  {http}\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    {server}\n  }}\n}}\n",
+            user = self.user,
+            level = self.log_level,
+            http = self.http,
+            server = self.server,
+        )
+    }
+}
+
 /// `nginx -e stderr -p DIR -c DIR/nginx.conf`: nginx with its configuration, prefix and logs in `dir`.
 pub fn nginx_command(dir: &TempDir) -> Vec<String> {
     vec![

@@ -38,20 +38,17 @@ fn nginx_dir(tag: &str, server: &str) -> TempDir {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), "nginx\n").unwrap();
-    let d = dir.display();
     // One process, no user switch: in lowport's default mapping uid 0 is the only uid inside, and
     // nginx would otherwise chown its temporary directories to nobody.
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off;\nmaster_process off;\nuser root root;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
-             events {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n\
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    root {d}/www;\n    {server}\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
+    let root = format!("root {}/www;\n    {server}", dir.display());
+    let conf = NginxConf {
+        workers: 0,
+        user: "root root",
+        log_level: "warn",
+        http: "access_log off;",
+        server: &root,
+    };
+    std::fs::write(dir.join("nginx.conf"), conf.text(&dir)).unwrap();
     let uid = nix::unistd::Uid::from_raw(caller_uid());
     let gid = nix::unistd::Gid::from_raw(if is_root() {
         NOBODY

@@ -392,17 +392,18 @@ fn nginx_dir(tag: &str, owner: (u32, u32), user: &str, extra: &str) -> TempDir {
 
 fn write_nginx_conf(dir: &TempDir, user: &str, extra: &str) {
     let d = dir.path().display();
-    dir.write(
-        "nginx.conf",
-        &format!(
-            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser {user};\npid {d}/nginx.pid;\n\
-             error_log stderr notice;\nevents {{ worker_connections 64; }}\nhttp {{\n\
-             log_format peers '$remote_addr $server_port';\n  access_log {d}/access.log peers;\n\
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen 80;\n    listen [::]:80;\n    root {d}/www;\n    {extra}\n  }}\n}}\n"
-        ),
+    let http = format!(
+        "log_format peers '$remote_addr $server_port';\n  access_log {d}/access.log peers;"
     );
+    let server = format!("listen 80;\n    listen [::]:80;\n    root {d}/www;\n    {extra}");
+    let conf = NginxConf {
+        workers: 2,
+        user,
+        log_level: "notice",
+        http: &http,
+        server: &server,
+    };
+    dir.write("nginx.conf", &conf.text(dir.path()));
 }
 
 fn access_log(dir: &TempDir) -> String {

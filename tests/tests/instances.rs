@@ -262,17 +262,14 @@ fn exec_reloads_nginx_through_its_pid_file() {
     }
     let rt = Runtime::new("inst-nginx");
     let dir = TempDir::new("inst-nginx-conf", Some((NOBODY, NOBODY)));
-    let d = dir.path().display();
-    dir.write(
-        "nginx.conf",
-        &format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root root;\npid {d}/nginx.pid;\n\
-             error_log stderr notice;\nevents {{ worker_connections 64; }}\nhttp {{\n\
-             access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{ listen 80; location / {{ return 200 \"hello\\n\"; }} }}\n}}\n"
-        ),
-    );
+    let conf = NginxConf {
+        workers: 1,
+        user: "root root",
+        log_level: "notice",
+        http: "access_log off;",
+        server: "listen 80; location / { return 200 \"hello\\n\"; }",
+    };
+    dir.write("nginx.conf", &conf.text(dir.path()));
     let mut cmd = rt.lowport(&[
         "run",
         "--name",

@@ -251,17 +251,17 @@ fn pick_port(attempt: u32) -> u16 {
 fn nginx_proxy(tag: &str, upstream: &str) -> TempDir {
     let owner = (caller_uid(), if is_root() { NOBODY } else { caller_uid() });
     let dir = TempDir::new(tag, Some(owner));
-    let d = dir.path().display();
-    dir.write(
-        "nginx.conf",
-        &format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\nuser root root;\npid {d}/nginx.pid;\n\
-             error_log stderr notice;\nevents {{ worker_connections 64; }}\nhttp {{\n\
-             access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen 80;\n    location / {{\n      proxy_pass http://{upstream};\n    }}\n  }}\n}}\n"
-        ),
-    );
+    let access_log = format!("access_log {}/access.log;", dir.path().display());
+    let server =
+        format!("listen 80;\n    location / {{\n      proxy_pass http://{upstream};\n    }}");
+    let conf = NginxConf {
+        workers: 1,
+        user: "root root",
+        log_level: "notice",
+        http: &access_log,
+        server: &server,
+    };
+    dir.write("nginx.conf", &conf.text(dir.path()));
     dir
 }
 

@@ -607,17 +607,15 @@ fn nginx_dir() -> PathBuf {
         "served by nginx under lowport\n",
     )
     .unwrap();
-    let d = dir.display();
-    fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off;\nmaster_process off;\nuser root root;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
-             events {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_header_timeout 1s;\n\
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 80; root {d}/www; }}\n}}\n"
-        ),
-    )
-    .unwrap();
+    let server = format!("listen 80; root {}/www;", dir.display());
+    let conf = NginxConf {
+        workers: 0,
+        user: "root root",
+        log_level: "warn",
+        http: "access_log off;\n  client_header_timeout 1s;",
+        server: &server,
+    };
+    fs::write(dir.join("nginx.conf"), conf.text(&dir)).unwrap();
     if is_root() {
         for p in [
             dir.clone(),

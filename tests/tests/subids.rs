@@ -106,17 +106,15 @@ fn nginx_master_switches_its_workers_to_another_uid() {
         "served by nginx under lowport\n",
     )
     .unwrap();
-    let d = dir.display();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser www-data www-data;\npid {d}/nginx.pid;\n\
-             error_log stderr warn;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n\
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 80; root {d}/www; }}\n}}\n"
-        ),
-    )
-    .unwrap();
+    let server = format!("listen 80; root {}/www;", dir.display());
+    let conf = NginxConf {
+        workers: 2,
+        user: "www-data www-data",
+        log_level: "warn",
+        http: "access_log off;",
+        server: &server,
+    };
+    std::fs::write(dir.join("nginx.conf"), conf.text(&dir)).unwrap();
     // The master (the test user, root inside) writes its pid and temporary files here.
     nix::unistd::chown(
         &dir,
