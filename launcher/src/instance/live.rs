@@ -129,15 +129,8 @@ impl Live {
             return;
         }
         state.ports = self.ports();
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join(".state.json.tmp");
-        let result = std::fs::File::create(&tmp)
-            .and_then(|mut f| {
-                serde_json::to_writer_pretty(&mut f, &*state).map_err(std::io::Error::from)?;
-                std::io::Write::write_all(&mut f, b"\n")
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(err) = result {
+        if let Err(err) = super::write_state_in(&self.dir, state) {
+            let path = self.dir.join("state.json");
             warn!(?err, path = %path.display(), "cannot write the instance's state; lowport ps shows it without");
         }
     }

@@ -285,18 +285,23 @@ impl Claim {
         self.control.as_fd().try_clone_to_owned()
     }
 
-    /// Writes `state.json` whole (to a temporary file, then renamed), so a reader never sees half.
+    /// Writes `state.json` (see [`write_state_in`]).
     pub fn write_state(&self, state: &State) -> Result<(), InstanceError> {
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join(".state.json.tmp");
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            serde_json::to_writer_pretty(&mut file, state)?;
-            file.write_all(b"\n")?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|source| InstanceError::Write { path, source })
+        write_state_in(&self.dir, state).map_err(|source| InstanceError::Write {
+            path: self.dir.join("state.json"),
+            source,
+        })
     }
+}
+
+/// Writes `dir/state.json` whole, in one write to a temporary file then renamed, so a reader never
+/// sees half.
+pub(crate) fn write_state_in(dir: &Path, state: &State) -> io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(state)?;
+    text.push(b'\n');
+    let tmp = dir.join(".state.json.tmp");
+    File::create(&tmp)?.write_all(&text)?;
+    fs::rename(&tmp, dir.join("state.json"))
 }
 
 impl Drop for Claim {
