@@ -457,32 +457,21 @@ fn subids(env: &Environment, uid: u32, gid: u32, userns_ok: bool) -> Finding {
             format!("{found} in /etc/subuid and /etc/subgid; mapping them not checked: it needs a user namespace"),
         );
     }
-    let outcome = in_child(|out| {
-        let said = match userns::MapHelper::spawn(&plan, &[out.as_raw_fd()]) {
-            Err(err) => format!("fail {err}"),
-            Ok(helper) => match nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
-                Err(errno) => {
-                    helper.cancel();
-                    format!(
-                        "fail cannot create a user namespace: {}",
-                        io::Error::from(errno)
-                    )
-                }
-                // The helper runs newuidmap on this process, by its pid as /proc shows it.
-                Ok(()) => match helper.map(proc_pid()) {
-                    Ok(()) => "ok".into(),
-                    Err(err) => format!("fail {err}"),
-                },
-            },
-        };
-        let _ = out.write_all(said.as_bytes());
+    let outcome = check_in_child(|out| {
+        let helper =
+            userns::MapHelper::spawn(&plan, &[out.as_raw_fd()]).map_err(|e| e.to_string())?;
+        if let Err(errno) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
+            helper.cancel();
+            return Err(format!(
+                "cannot create a user namespace: {}",
+                io::Error::from(errno)
+            ));
+        }
+        // The helper runs newuidmap on this process, by its pid as /proc shows it.
+        helper.map(proc_pid()).map_err(|e| e.to_string())
     });
-    match outcome
-        .as_deref()
-        .map(|t| t.strip_prefix("fail "))
-        .map_err(String::as_str)
-    {
-        Ok(None) => Finding::new(
+    match outcome {
+        Ok(()) => Finding::new(
             CHECK,
             Status::Ok,
             false,
@@ -492,9 +481,7 @@ fn subids(env: &Environment, uid: u32, gid: u32, userns_ok: bool) -> Finding {
                 plan.newgidmap.display()
             ),
         ),
-        Ok(Some(why)) | Err(why) => {
-            Finding::new(CHECK, Status::Warn, false, format!("{COST}: {why}"))
-        }
+        Err(why) => Finding::new(CHECK, Status::Warn, false, format!("{COST}: {why}")),
     }
 }
 
@@ -517,38 +504,31 @@ fn handoff_check() -> Finding {
     if let Some(why) = handoff::kernel_refusal() {
         return Finding::new(CHECK, Status::Warn, false, format!("{COST}: {why}"));
     }
-    let outcome = in_child(|out| {
-        let said = match nix::sys::prctl::set_no_new_privs() {
-            Err(errno) => format!("fail cannot set no_new_privs: {}", io::Error::from(errno)),
-            Ok(()) => match sys::install_command_filter(sys::FilterKind::TerminalAndBind) {
-                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-                    "fail this process already runs under a seccomp filter with a listener (inside another lowport, or a container that uses one), and the kernel allows one listener per process".into()
-                }
-                Err(err) => format!("fail the kernel refused a seccomp listener (SECCOMP_FILTER_FLAG_NEW_LISTENER, Linux 5.0): {err}"),
-                Ok(None) => "fail the kernel gave no seccomp listener".into(),
-                Ok(Some(listener)) => {
-                    match sys::notif_replace_fd(listener.as_fd(), u64::MAX, listener.as_fd(), 1000, false) {
-                        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => "ok".into(),
-                        Err(err) => format!("fail the kernel's seccomp listener cannot replace a descriptor (SECCOMP_IOCTL_NOTIF_ADDFD, Linux 5.9): {err}"),
-                        Ok(()) => "fail SECCOMP_IOCTL_NOTIF_ADDFD accepted a notification that does not exist".into(),
-                    }
-                }
-            },
+    let outcome = check_in_child(|_| {
+        nix::sys::prctl::set_no_new_privs()
+            .map_err(|errno| format!("cannot set no_new_privs: {}", io::Error::from(errno)))?;
+        let listener = match sys::install_command_filter(sys::FilterKind::TerminalAndBind) {
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                return Err("this process already runs under a seccomp filter with a listener (inside another lowport, or a container that uses one), and the kernel allows one listener per process".into());
+            }
+            Err(err) => return Err(format!("the kernel refused a seccomp listener (SECCOMP_FILTER_FLAG_NEW_LISTENER, Linux 5.0): {err}")),
+            Ok(None) => return Err("the kernel gave no seccomp listener".into()),
+            Ok(Some(listener)) => listener,
         };
-        let _ = out.write_all(said.as_bytes());
+        match sys::notif_replace_fd(listener.as_fd(), u64::MAX, listener.as_fd(), 1000, false) {
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(err) => Err(format!("the kernel's seccomp listener cannot replace a descriptor (SECCOMP_IOCTL_NOTIF_ADDFD, Linux 5.9): {err}")),
+            Ok(()) => Err("SECCOMP_IOCTL_NOTIF_ADDFD accepted a notification that does not exist".into()),
+        }
     });
-    match outcome
-        .as_deref()
-        .map(|t| t.strip_prefix("fail "))
-        .map_err(String::as_str)
-    {
-        Ok(None) => Finding::new(
+    match outcome {
+        Ok(()) => Finding::new(
             CHECK,
             Status::Ok,
             false,
             "a seccomp listener can be made and answers SECCOMP_IOCTL_NOTIF_ADDFD, so servers accept on the host socket itself".into(),
         ),
-        Ok(Some(why)) | Err(why) => Finding::new(CHECK, Status::Warn, false, format!("{COST}: {why}")),
+        Err(why) => Finding::new(CHECK, Status::Warn, false, format!("{COST}: {why}")),
     }
 }
 
@@ -638,6 +618,23 @@ fn in_child(body: impl FnOnce(&mut fs::File)) -> Result<String, String> {
         Ok(other) if text.is_empty() => Err(format!("the check's process ended: {other:?}")),
         Ok(_) => Ok(text),
         Err(e) => Err(format!("cannot wait for the check's process: {e}")),
+    }
+}
+
+/// Runs one check in a forked child (see [`in_child`]): `Ok` when `body` succeeded there, else why
+/// not, including a child that ended without saying.
+fn check_in_child(body: impl FnOnce(&mut fs::File) -> Result<(), String>) -> Result<(), String> {
+    let said = in_child(|out| {
+        let line = match body(out) {
+            Ok(()) => "ok".to_owned(),
+            Err(why) => format!("fail {why}"),
+        };
+        let _ = out.write_all(line.as_bytes());
+    })?;
+    match said.strip_prefix("fail ") {
+        Some(why) => Err(why.to_owned()),
+        None if said == "ok" => Ok(()),
+        None => Err("the check's process ended without an answer".into()),
     }
 }
 
