@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -199,6 +199,10 @@ pub async fn serve(
 /// several listeners share the limit: a listener waiting for its next client must not hold a slot that
 /// another listener's client could use. While the limit is reached, each listener holds at most the one
 /// connection it has accepted, and later clients wait in the kernel's backlog.
+///
+/// The socket inside for the next client is opened before that client is accepted. When descriptors
+/// or memory run out, lowport backs off without accepting, and the clients wait in the backlog until
+/// connections end: none is accepted only to be closed for want of a socket inside.
 async fn accept_loop(
     listener: &TcpListener,
     target: &Target,
@@ -207,35 +211,52 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     let local = listener.local_addr().ok();
-    // What the latest relayed connection found inside: a client whose socket inside could not be
-    // opened for want of descriptors or memory is closed, and accepting more at once would only close
-    // them too, so lowport backs off and the next clients wait in the backlog. Back-off ends once a
-    // connection gets its socket inside.
-    let inside = Arc::new(AtomicU8::new(INSIDE_UNKNOWN));
+    // A client comes in the listener's family (an IPv4 client of an IPv6 socket that is not
+    // IPV6_V6ONLY, as an inherited one may be, gets a socket of its own in `connect_from`).
+    let ipv4 = local.is_none_or(|local| local.is_ipv4());
+    let mut spare: Option<TcpSocket> = None;
     loop {
-        match inside.swap(INSIDE_UNKNOWN, Ordering::Relaxed) {
-            INSIDE_SHORT => {
-                warn!(
+        if spare.is_none() {
+            match if ipv4 {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            } {
+                Ok(socket) => spare = Some(socket),
+                Err(err) if is_resource_shortage(&err) => {
+                    warn!(
+                        ?err,
+                        ?local,
+                        delay_ms = backoff.as_millis() as u64,
+                        "cannot open a socket inside; backing off"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                // Not a shortage (an address family the namespace lacks): each connection then
+                // opens its own and reports what fails.
+                Err(err) => debug!(
+                    ?err,
                     ?local,
-                    delay_ms = backoff.as_millis() as u64,
-                    "cannot open a socket inside; backing off"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
+                    "cannot open a socket inside ahead of a client"
+                ),
             }
-            INSIDE_OPENED => backoff = Duration::from_millis(5),
-            _ => {}
         }
         match listener.accept().await {
             Ok((client, peer)) => {
+                backoff = Duration::from_millis(5);
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
                 };
                 let target = *target;
-                let report = inside.clone();
+                let socket = if unmapped(peer).is_ipv4() == ipv4 {
+                    spare.take()
+                } else {
+                    None
+                };
                 tokio::spawn(async move {
-                    if let Err(err) = handle(client, peer, &target, options, &report).await {
+                    if let Err(err) = handle(client, peer, &target, options, socket).await {
                         debug!(%peer, ?err, "connection ended with an error");
                     }
                     drop(permit);
@@ -264,30 +285,16 @@ fn is_resource_shortage(err: &io::Error) -> bool {
     )
 }
 
-/// What a relayed connection found when it opened its socket inside (see `accept_loop`).
-const INSIDE_UNKNOWN: u8 = 0;
-const INSIDE_OPENED: u8 = 1;
-const INSIDE_SHORT: u8 = 2;
-
+/// Relays one accepted client; `socket`, opened before the client was accepted, serves its first
+/// connection attempt inside.
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     target: &Target,
     options: Options,
-    inside: &AtomicU8,
+    socket: Option<TcpSocket>,
 ) -> io::Result<()> {
-    let upstream = match connect(target, &peer).await {
-        Ok(upstream) => {
-            inside.store(INSIDE_OPENED, Ordering::Relaxed);
-            upstream
-        }
-        Err(err) => {
-            if is_resource_shortage(&err) {
-                inside.store(INSIDE_SHORT, Ordering::Relaxed);
-            }
-            return Err(err);
-        }
-    };
+    let upstream = connect(target, &peer, socket).await?;
     // The client's socket inherits TCP_NODELAY from the listener (see `serve`).
     upstream.set_nodelay(true)?;
     relay(&client, &upstream, options.half_closed_timeout).await
@@ -320,9 +327,13 @@ fn warn_nothing_listens(peer: &SocketAddr, port: u16, err: &io::Error, second_er
     warn!(%peer, port, ?err, ?second_err, held_back, "nothing listens on the port inside; closing the client's connection (at most one such warning every 10 s; held_back counts the others)");
 }
 
-async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
+async fn connect(
+    target: &Target,
+    peer: &SocketAddr,
+    socket: Option<TcpSocket>,
+) -> io::Result<TcpStream> {
     let [first, second] = target.candidates(peer);
-    match connect_from(target.source_for(*peer, first), first).await {
+    match connect_from(target.source_for(*peer, first), first, socket).await {
         Ok(stream) => Ok(stream),
         Err(err)
             if is_mirrored(&second)
@@ -336,7 +347,7 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
             if err.kind() == io::ErrorKind::ConnectionRefused
                 || err.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
         {
-            connect_from(target.source_for(*peer, second), second)
+            connect_from(target.source_for(*peer, second), second, None)
                 .await
                 .inspect_err(|second_err| warn_nothing_listens(peer, target.port, &err, second_err))
         }
@@ -350,19 +361,24 @@ async fn connect(target: &Target, peer: &SocketAddr) -> io::Result<TcpStream> {
 /// Connects to `to` from `from`. The client's exact port may be taken inside (a server listening on
 /// that number, a TIME_WAIT left by an earlier connection of the same client port); then the address
 /// is kept with a port the kernel picks. Never from an address other than `from`'s: falling back to
-/// the kernel's choice would show the client as a loopback address.
-async fn connect_from(from: SocketAddr, to: SocketAddr) -> io::Result<TcpStream> {
+/// the kernel's choice would show the client as a loopback address. `opened`, a fresh socket of
+/// `to`'s family, serves the first attempt.
+async fn connect_from(
+    from: SocketAddr,
+    to: SocketAddr,
+    mut opened: Option<TcpSocket>,
+) -> io::Result<TcpStream> {
     let mut sources = vec![from];
     if from.port() != 0 {
         sources.push(SocketAddr::new(from.ip(), 0));
     }
     let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
     for source in sources {
-        let socket = if to.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }?;
+        let socket = match opened.take() {
+            Some(socket) => socket,
+            None if to.is_ipv4() => TcpSocket::new_v4()?,
+            None => TcpSocket::new_v6()?,
+        };
         let bound = socket
             .set_reuseaddr(true)
             .and_then(|()| {
@@ -515,6 +531,35 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     nix::fcntl::splice(from, None, to, None, len, flags).map_err(io::Error::from)
 }
 
+/// One read from `src` into memory, written whole to `dst`: the relay's way when no pipe can be had.
+/// `None` when `src` had nothing to read after all, `Some(0)` at its end.
+async fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mark: &impl Fn(),
+) -> io::Result<Option<usize>> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = match src.try_read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    mark();
+    let mut written = 0;
+    while written < n {
+        dst.writable().await?;
+        match dst.try_write(&buf[written..n]) {
+            Ok(w) => {
+                written += w;
+                mark();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
+}
+
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s write half. Each time
 /// bytes move, `moved` gets the milliseconds since `start`.
 ///
@@ -529,11 +574,28 @@ async fn pump(
 ) -> io::Result<u64> {
     let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
+    // Every splice that moves bytes counts as activity, so a slow reader of a large pipe is not
+    // mistaken for an idle half-closed connection.
+    let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
         src.readable().await?;
         let p = match &mut pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::take(total >= BULK_AFTER)?),
+            None => match Pipe::take(total >= BULK_AFTER) {
+                Ok(p) => pipe.insert(p),
+                // No pipe to be had (descriptors or memory ran out; readiness may also be a false
+                // alarm): these bytes, if any, go through user space instead of failing the
+                // connection.
+                Err(err) if is_resource_shortage(&err) => match copy_once(src, dst, &mark).await? {
+                    Some(0) => break,
+                    Some(n) => {
+                        total += n as u64;
+                        continue;
+                    }
+                    None => continue,
+                },
+                Err(err) => return Err(err),
+            },
         };
         let p = &*p;
         let filled = match src.try_io(Interest::READABLE, || splice(src, &p.write, p.chunk)) {
@@ -547,9 +609,6 @@ async fn pump(
             }
             Err(e) => return Err(e),
         };
-        // Every splice that moves bytes counts as activity, so a slow reader of a large pipe is
-        // not mistaken for an idle half-closed connection.
-        let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         mark();
         let mut left = filled;
         while left > 0 {
@@ -583,6 +642,39 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The relay's way when no pipe can be had: nothing to read is `None` (readiness was a false
+    /// alarm), bytes are written whole, and the end is `Some(0)`.
+    #[test]
+    fn copying_through_memory_moves_what_there_is_and_sees_the_end() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut writer = TcpStream::connect(addr).await.unwrap();
+            let (src, _) = listener.accept().await.unwrap();
+            let dst = TcpStream::connect(addr).await.unwrap();
+            let (mut reader, _) = listener.accept().await.unwrap();
+            let marks = std::cell::Cell::new(0);
+            let mark = || marks.set(marks.get() + 1);
+            assert_eq!(copy_once(&src, &dst, &mark).await.unwrap(), None);
+            assert_eq!(marks.get(), 0);
+            writer.write_all(b"hello").await.unwrap();
+            src.readable().await.unwrap();
+            assert_eq!(copy_once(&src, &dst, &mark).await.unwrap(), Some(5));
+            assert!(marks.get() >= 2, "a read and a write count as activity");
+            let mut got = [0u8; 5];
+            reader.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello");
+            drop(writer);
+            src.readable().await.unwrap();
+            assert_eq!(copy_once(&src, &dst, &mark).await.unwrap(), Some(0));
+        });
+    }
 
     fn shown(preserve: bool, client: &str, inner_v4: bool) -> String {
         let target = Target {
