@@ -224,14 +224,7 @@ async fn accept_loop(
             } {
                 Ok(socket) => spare = Some(socket),
                 Err(err) if is_resource_shortage(&err) => {
-                    warn!(
-                        ?err,
-                        ?local,
-                        delay_ms = backoff.as_millis() as u64,
-                        "cannot open a socket inside; backing off"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    back_off(&mut backoff, &err, local, "cannot open a socket inside").await;
                     continue;
                 }
                 // Not a shortage (an address family the namespace lacks): each connection then
@@ -263,19 +256,24 @@ async fn accept_loop(
                 });
             }
             Err(err) if is_resource_shortage(&err) => {
-                // Out of descriptors or memory: wait for connections to end instead of spinning.
-                warn!(
-                    ?err,
-                    ?local,
-                    delay_ms = backoff.as_millis() as u64,
-                    "accept failed; backing off"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                back_off(&mut backoff, &err, local, "accept failed").await;
             }
             Err(err) => debug!(?err, ?local, "accept failed"),
         }
     }
+}
+
+/// Out of descriptors or memory: logs `what`, then waits `backoff` for connections to end instead of
+/// spinning, and doubles it up to a second.
+async fn back_off(backoff: &mut Duration, err: &io::Error, local: Option<SocketAddr>, what: &str) {
+    warn!(
+        ?err,
+        ?local,
+        delay_ms = backoff.as_millis() as u64,
+        "{what}; backing off"
+    );
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(1));
 }
 
 fn is_resource_shortage(err: &io::Error) -> bool {
