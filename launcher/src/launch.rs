@@ -257,9 +257,17 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
     // Descriptors lowport inherited (stdio, --ready-fd, whatever the caller left open) count too.
     let inherited = std::fs::read_dir("/proc/self/fd").map_or(3, |d| d.count().saturating_sub(1));
     let threads = relay_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // Each published port has up to two host sockets (one per family), and a TCP one keeps a socket
-    // inside open for its next client (`forward::accept_loop`).
-    let reserved = reserved_fds(config.publish.len() * 4 + inherited, threads);
+    // Each published port has up to two host sockets (one per family), and a TCP host socket keeps a
+    // socket inside open for its next client (`forward::accept_loop`).
+    let host_sockets: usize = config
+        .publish
+        .iter()
+        .map(|spec| match spec.protocol {
+            crate::publish::Protocol::Tcp => 4,
+            crate::publish::Protocol::Udp => 2,
+        })
+        .sum();
+    let reserved = reserved_fds(host_sockets + inherited, threads);
     let mut limits = Limits::fit(
         nofile,
         reserved,
