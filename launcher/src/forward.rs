@@ -538,6 +538,7 @@ async fn copy_once(
 ) -> io::Result<Option<usize>> {
     let mut buf = vec![0u8; 16 * 1024];
     let n = match src.try_read(&mut buf) {
+        Ok(0) => return Ok(Some(0)),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
@@ -670,7 +671,9 @@ mod tests {
             assert_eq!(&got, b"hello");
             drop(writer);
             src.readable().await.unwrap();
+            let before = marks.get();
             assert_eq!(copy_once(&src, &dst, &mark).await.unwrap(), Some(0));
+            assert_eq!(marks.get(), before, "the end moves no bytes");
         });
     }
 
