@@ -228,12 +228,7 @@ fn recovers(mut launch: Launch, idle: Vec<TcpStream>, report: &str) {
 /// it before the accept) and `accept` itself fails.
 #[test]
 fn running_out_of_descriptors_backs_off_and_recovers() {
-    let Some((launch, idle)) = run_out_of_descriptors(6) else {
-        return;
-    };
-    none_closed(&idle);
-    relayed_clients_still_served(&idle);
-    recovers(launch, idle, "accept failed; backing off");
+    shortage(6, "accept failed; backing off");
 }
 
 /// With an odd number spare, the socket inside that lowport opens before accepting its next client
@@ -242,12 +237,18 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
 /// the 20 within milliseconds) is the failure.
 #[test]
 fn a_shortage_inside_keeps_later_clients_waiting() {
-    let Some((launch, idle)) = run_out_of_descriptors(5) else {
+    shortage(5, "cannot open a socket inside; backing off");
+}
+
+/// A shortage with `spare` descriptors: no waiting client closed, the relayed ones served, then
+/// recovery, with `report` in the log.
+fn shortage(spare: usize, report: &str) {
+    let Some((launch, idle)) = run_out_of_descriptors(spare) else {
         return;
     };
     none_closed(&idle);
     relayed_clients_still_served(&idle);
-    recovers(launch, idle, "cannot open a socket inside; backing off");
+    recovers(launch, idle, report);
 }
 
 #[test]
