@@ -340,6 +340,45 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// The numbers of `pid`'s open descriptors, or `None` once it is gone.
+pub fn fd_numbers(pid: u32) -> Option<Vec<u32>> {
+    Some(
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// How many descriptor numbers below `limit` `pid` leaves free: what an open-file limit of `limit`
+/// lets it open. RLIMIT_NOFILE bounds the numbers, not the count, so a descriptor it inherited at
+/// a number above `limit` (one a CI runner leaves open, say) takes nothing from it.
+pub fn free_fds_below(pid: u32, limit: u32) -> Option<usize> {
+    let open = fd_numbers(pid)?;
+    Some(limit as usize - open.iter().filter(|&&fd| fd < limit).count())
+}
+
+/// The open-file limit that leaves `pid` exactly `spare` free descriptor numbers, counted once its
+/// count holds still ([`settled_fds`]).
+pub fn limit_leaving(pid: u32, spare: usize) -> u32 {
+    settled_fds(pid);
+    let open: std::collections::BTreeSet<u32> = fd_numbers(pid)
+        .expect("lowport's /proc/PID/fd")
+        .into_iter()
+        .collect();
+    let mut free = 0;
+    (0u32..)
+        .find(|fd| {
+            if !open.contains(fd) {
+                free += 1;
+            }
+            free == spare
+        })
+        .expect("a free number")
+        + 1
+}
+
 /// Samples `pid`'s descriptor count every 50 ms until five samples in a row agree (at most
 /// [`PATIENCE`]); returns the count.
 pub fn settled_fds(pid: u32) -> usize {

@@ -100,9 +100,9 @@ fn one_stalled_peer_does_not_stall_the_others() {
     drop(stalled);
 }
 
-/// A relaying lowport whose open-file limit was lowered under it with prlimit to `spare`
-/// descriptors above what it holds, and 20 clients that exhaust them. Returns once lowport holds at
-/// least its limit less one, with the clients, or `None` where prlimit is missing.
+/// A relaying lowport whose open-file limit was lowered under it with prlimit to leave `spare`
+/// free descriptor numbers, and 20 clients that exhaust them. Returns once lowport has at most one
+/// number left below its limit, with the clients, or `None` where prlimit is missing.
 fn run_out_of_descriptors(spare: usize) -> Option<(Launch, Vec<TcpStream>)> {
     let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
         .into_iter()
@@ -112,11 +112,12 @@ fn run_out_of_descriptors(spare: usize) -> Option<(Launch, Vec<TcpStream>)> {
     }
     let launch = start_demo("127.0.0.1:0:80", &["--forward", "relay"]);
     let lowport = launch.child.id();
-    let open_fds = || fd_count(lowport).expect("lowport's /proc/PID/fd");
-    // Counted once lowport's count holds still: a descriptor of set-up not yet closed would raise
-    // the limit by one, and lowport would settle below the limit less one (CI once waited for it for
-    // the whole patience).
-    let limit = settled_fds(lowport) + spare;
+    let free = |limit| free_fds_below(lowport, limit).expect("lowport's /proc/PID/fd");
+    // Sized from descriptor numbers once lowport's count holds still. A descriptor of set-up not
+    // yet closed would leave one more spare (CI once waited the whole patience for lowport to
+    // settle at the limit). A count would be wrong where lowport holds an inherited descriptor above
+    // the limit, as under CI's runner: one more spare, and the other of the two paths below taken.
+    let limit = limit_leaving(lowport, spare);
     // As lowport's own user: lowering a limit of a process of the same user needs no privilege.
     let status = unprivileged_as(NOBODY, NOBODY, prlimit.unwrap().as_ref())
         .args([
@@ -131,7 +132,7 @@ fn run_out_of_descriptors(spare: usize) -> Option<(Launch, Vec<TcpStream>)> {
         .map(|_| TcpStream::connect(launch.addr()).unwrap())
         .collect();
     let deadline = std::time::Instant::now() + PATIENCE;
-    while open_fds() + 1 < limit {
+    while free(limit) > 1 {
         if std::time::Instant::now() > deadline {
             let held: Vec<String> = std::fs::read_dir(format!("/proc/{lowport}/fd"))
                 .map(|dir| {
@@ -142,8 +143,8 @@ fn run_out_of_descriptors(spare: usize) -> Option<(Launch, Vec<TcpStream>)> {
                 })
                 .unwrap_or_default();
             panic!(
-                "lowport holds {} descriptors, below its lowered limit {limit} less one, with 20 clients waiting: {held:?}",
-                held.len()
+                "lowport leaves {} descriptor numbers free below its lowered limit {limit}, with 20 clients waiting: {held:?}",
+                free(limit)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -192,9 +193,8 @@ fn relayed_clients_still_served(idle: &[TcpStream]) {
     }
 }
 
-/// Once the clients are gone, a request succeeds again; lowport then stops cleanly and has
-/// reported the shortage with `report`.
-fn recovers(mut launch: Launch, idle: Vec<TcpStream>, report: &str) {
+/// Once the clients are gone, a request succeeds again; lowport then stops cleanly. Returns its log.
+fn recovers(mut launch: Launch, idle: Vec<TcpStream>) -> String {
     assert!(
         launch.child.try_wait().unwrap().is_none(),
         "lowport must survive running out of descriptors"
@@ -214,41 +214,52 @@ fn recovers(mut launch: Launch, idle: Vec<TcpStream>, report: &str) {
     );
     launch.signal(nix::sys::signal::Signal::SIGTERM);
     launch.wait();
-    let stderr = launch.stderr();
-    assert!(
-        stderr.contains(report),
-        "the shortage is reported: {stderr}"
-    );
+    launch.stderr()
 }
 
 /// lowport sizes its limits to the open-file limit it starts with; if descriptors still run out (the
-/// limit lowered under it with prlimit, or the system's file table full), accept backs off, nothing
-/// exits or spins, and service resumes once descriptors come back. With an even number spare, three
-/// relayed connections take them all (each its accepted socket, and the socket inside opened for
-/// it before the accept) and `accept` itself fails.
+/// limit lowered under it with prlimit, or the system's file table full), nothing exits or spins,
+/// no waiting client is accepted only to be closed, and service resumes once descriptors come back.
+///
+/// A shortage meets lowport at one of two points, by the parity of the descriptors left: each
+/// relayed client takes two (its accepted socket, and the socket inside opened for it before the
+/// accept). Either `accept` itself fails, or the socket inside that lowport opens before accepting
+/// its next client takes the last descriptor, and lowport backs off without accepting (it once
+/// accepted the waiting clients and closed each for want of a socket inside, 18 of 20 within
+/// milliseconds). Two lowports, six and seven numbers short, must between them meet both.
+///
+/// Which meets which is not assumed: the control socket's thread, blocked in `accept`, holds one
+/// more number that /proc does not show (the kernel reserves it before the wait). Either way each
+/// has at least five descriptors, so the first three clients are relayed before the shortage.
 #[test]
-fn running_out_of_descriptors_backs_off_and_recovers() {
-    shortage(6, "accept failed; backing off");
-}
-
-/// With an odd number spare, the socket inside that lowport opens before accepting its next client
-/// takes the last descriptor: lowport backs off without accepting, and the clients wait in the
-/// backlog. Accepting them and closing each for want of a socket inside (as lowport once did, 18 of
-/// the 20 within milliseconds) is the failure.
-#[test]
-fn a_shortage_inside_keeps_later_clients_waiting() {
-    shortage(5, "cannot open a socket inside; backing off");
+fn running_out_of_descriptors_either_way_backs_off_and_recovers() {
+    let logs: Vec<Option<String>> = std::thread::scope(|scope| {
+        let runs = [6, 7].map(|spare| scope.spawn(move || shortage(spare)));
+        runs.into_iter()
+            .map(|run| run.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let Some(logs) = logs.into_iter().collect::<Option<Vec<String>>>() else {
+        return;
+    };
+    for report in [
+        "accept failed; backing off",
+        "cannot open a socket inside; backing off",
+    ] {
+        assert!(
+            logs.iter().any(|log| log.contains(report)),
+            "neither shortage was reported with {report:?}: {logs:#?}"
+        );
+    }
 }
 
 /// A shortage with `spare` descriptors: no waiting client closed, the relayed ones served, then
-/// recovery, with `report` in the log.
-fn shortage(spare: usize, report: &str) {
-    let Some((launch, idle)) = run_out_of_descriptors(spare) else {
-        return;
-    };
+/// recovery. Returns lowport's log, or `None` where prlimit is missing.
+fn shortage(spare: usize) -> Option<String> {
+    let (launch, idle) = run_out_of_descriptors(spare)?;
     none_closed(&idle);
     relayed_clients_still_served(&idle);
-    recovers(launch, idle, report);
+    Some(recovers(launch, idle))
 }
 
 #[test]
