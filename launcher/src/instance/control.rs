@@ -203,6 +203,11 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// The control socket's first wait when descriptors run out, doubled at each failure up to
+/// [`SHORTAGE_LONGEST_WAIT`], as the relay's accept loops wait.
+const SHORTAGE_FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+const SHORTAGE_LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Answers requests on `listener` on a thread of its own, one connection at a time, for as long as
 /// lowport runs.
 pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
@@ -213,16 +218,36 @@ pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
             // Connections of `stop` stay open until lowport exits: their end-of-file tells the
             // client the instance has ended.
             let mut held = Vec::new();
+            let mut backoff = SHORTAGE_FIRST_WAIT;
             loop {
                 let conn = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                     // SAFETY: accept4 returned a new descriptor that nothing else owns.
                     Ok(fd) => unsafe { sys::own_raw(fd) },
                     Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                    // Out of descriptors or memory (the relay can take the number an answered
+                    // connection gave back): wait for them as the relay does, and serve again once
+                    // they are back.
+                    Err(
+                        err @ (nix::errno::Errno::EMFILE
+                        | nix::errno::Errno::ENFILE
+                        | nix::errno::Errno::ENOBUFS
+                        | nix::errno::Errno::ENOMEM),
+                    ) => {
+                        warn!(
+                            ?err,
+                            delay_ms = backoff.as_millis() as u64,
+                            "the control socket cannot accept; backing off"
+                        );
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(SHORTAGE_LONGEST_WAIT);
+                        continue;
+                    }
                     Err(err) => {
                         warn!(?err, "the control socket failed; lowport exec, stop and port no longer reach this instance");
                         return;
                     }
                 };
+                backoff = SHORTAGE_FIRST_WAIT;
                 if let Some(keep) = answer(&conn, &served, &instance) {
                     held.push(keep);
                 }
