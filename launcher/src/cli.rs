@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 use crate::publish::PublishSpec;
 use crate::userns::Mode;
 
+/// The most descriptors `--preserve-fds` passes on: Linux's own ceiling on a process's descriptors
+/// (`fs.nr_open`'s default).
+pub const MAX_PRESERVED_FDS: i64 = 1 << 20;
+
 /// Run a server on port 80 (or any port) with no root: lowport starts COMMAND in new user and network
 /// namespaces where it is uid 0, lets it bind low ports there, and forwards host ports to it.
 #[derive(Parser)]
@@ -50,6 +54,11 @@ pub enum Command {
     Exec {
         /// The instance, as `lowport ps` lists it
         name: String,
+        /// Pass descriptors 3 to 3+N-1 on to the command; without it the command gets only its own
+        /// terminal as 0, 1 and 2, and any other descriptor the caller left open is closed at its
+        /// exec. Each must be open
+        #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(..=MAX_PRESERVED_FDS))]
+        preserve_fds: u32,
         /// The program to run and its arguments
         #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -145,6 +154,14 @@ pub struct RunArgs {
     /// (NOTIFY_SOCKET set, Type=notify) lowport sends READY=1 at the same moment
     #[arg(long, value_name = "FD")]
     pub ready_fd: Option<RawFd>,
+
+    /// Pass descriptors 3 to 3+N-1 on to the command, as podman's --preserve-fds does. Without it
+    /// the command gets only 0, 1 and 2 (and the sockets of --socket-activation or systemd): any
+    /// other descriptor the caller left open is closed at its exec, so a server cannot use it.
+    /// Each must be open; not with --socket-activation or sockets from systemd, which are numbered
+    /// from 3 too
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(..=MAX_PRESERVED_FDS))]
+    pub preserve_fds: u32,
 
     /// How long the server may take to accept on every published port, when someone waits for it
     /// (--ready-fd, or systemd's NOTIFY_SOCKET; without either there is no limit, so a shell with

@@ -43,6 +43,8 @@ pub struct CommandSpec {
     /// The command's end of the socket over which it sends lowport the listener of its bind filter
     /// (socket handoff, see `handoff`); `None` when no port is handed off.
     pub handoff: Option<RawFd>,
+    /// Descriptors 3 to 3+N-1 are passed on as they are (`--preserve-fds`).
+    pub preserve_fds: u32,
 }
 
 /// The variables of systemd's socket-activation protocol. Inherited from lowport's own parent they
@@ -633,6 +635,17 @@ fn exec_command(
         })
         .collect();
 
+    // Nothing else from 3 up reaches the command: not a descriptor the caller left open without
+    // close-on-exec, which a hostile server could otherwise use to reach the caller's world.
+    let passed = command.activation.len().max(command.preserve_fds as usize);
+    if let Err(e) = sys::cloexec_from(3 + passed as RawFd) {
+        send(
+            status,
+            MSG_EXEC_FAILED,
+            e.raw_os_error().unwrap_or(libc::EBADF),
+        );
+        sys::exit_now(125);
+    }
     let err = nix::unistd::execvpe(&argv[0], argv, &envp).unwrap_err();
     send(status, MSG_EXEC_FAILED, err as i32);
     sys::exit_now(if err == nix::errno::Errno::ENOENT {

@@ -50,6 +50,9 @@ pub struct Config {
     pub userns: userns::Mode,
     pub port_start: u16,
     pub ready_fd: Option<RawFd>,
+    /// Descriptors 3 to 3+N-1 go to the command as they are (`--preserve-fds`); every other one
+    /// from 3 up is closed at its exec, but the sockets it is given.
+    pub preserve_fds: u32,
     /// How long the server may take to accept on every published port before lowport stops it.
     pub ready_timeout: std::time::Duration,
     /// The most relayed TCP connections at once; `None` sizes it to the open-file limit.
@@ -179,6 +182,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         // wait for the whole run.
         sys::set_cloexec(fd, true).map_err(LaunchError::io("mark --ready-fd close-on-exec"))?;
     }
+    check_preserved(&config, &given)?;
     init::precheck(program)?;
     // Before `unshare`: an abstract socket name means something only in the host's network namespace.
     let notifier = Notifier::from_env()?.map(Arc::new);
@@ -467,6 +471,7 @@ pub fn run(config: Config) -> Result<i32, LaunchError> {
         activation,
         nofile: caller_nofile,
         handoff: listener_pair.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+        preserve_fds: config.preserve_fds,
     };
     // From here on the command runs, as root in the namespaces lowport created. A non-dumpable process
     // can be ptraced, and its /proc/PID/mem and descriptors opened, only with CAP_SYS_PTRACE in the user
@@ -1397,6 +1402,37 @@ fn report_ready(
     }
 }
 
+/// `--preserve-fds N`: descriptors 3 to 3+N-1 must be open and lowport's to pass on. Sockets of
+/// `--socket-activation` or from systemd are numbered from 3 as well, and `--ready-fd` is closed
+/// before the command starts, so neither may be among them.
+fn check_preserved(config: &Config, given: &activation::Given) -> Result<(), LaunchError> {
+    let n = config.preserve_fds;
+    if n == 0 {
+        return Ok(());
+    }
+    let last = 3 + n as i64 - 1;
+    if config.socket_activation || !given.raw_fds().is_empty() {
+        return Err(LaunchError::Usage(format!(
+            "--preserve-fds {n} cannot be combined with {}: those sockets are the command's descriptors from 3 (LISTEN_FDS), where the preserved ones would be; pass what else the server needs as files or sockets it opens itself",
+            if config.socket_activation { "--socket-activation" } else { "sockets systemd gave lowport" }
+        )));
+    }
+    if let Some(fd) = config
+        .ready_fd
+        .filter(|&fd| (3..=last).contains(&i64::from(fd)))
+    {
+        return Err(LaunchError::Usage(format!(
+            "--ready-fd {fd} is among the descriptors --preserve-fds {n} passes on (3 to {last}); lowport closes it before the command starts, so give it a number above {last}"
+        )));
+    }
+    if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
+        return Err(LaunchError::Usage(format!(
+            "--preserve-fds {n}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file 4>&1) or give a smaller N"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1415,6 +1451,7 @@ mod tests {
             userns: userns::Mode::Single,
             port_start: 0,
             ready_fd: None,
+            preserve_fds: 0,
             ready_timeout: std::time::Duration::from_secs(90),
             max_connections: tcp,
             max_udp_flows: udp,

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         userns: args.userns,
         port_start: args.port_start,
         ready_fd: args.ready_fd,
+        preserve_fds: args.preserve_fds,
         ready_timeout: args.ready_timeout,
         max_connections: args.max_connections.map(|n| n as usize),
         max_udp_flows: args.max_udp_flows.map(|n| n as usize),
@@ -54,7 +55,11 @@ fn instance_command(command: Command) -> ExitCode {
             let mut out = std::io::stdout().lock();
             match command {
                 Command::Ps { json } => client::ps(&root, json, &mut out).map(|()| 0),
-                Command::Exec { name, command } => client::exec(&root, &name, &command),
+                Command::Exec {
+                    name,
+                    preserve_fds,
+                    command,
+                } => client::exec(&root, &name, preserve_fds, &command),
                 Command::Stop { name, time } => {
                     client::stop(&root, &name, std::time::Duration::from_secs(time)).map(|()| 0)
                 }

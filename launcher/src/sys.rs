@@ -232,6 +232,44 @@ pub fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
+/// Marks every descriptor numbered `first` or above close-on-exec, so that an `exec` passes on only
+/// those below it: the descriptors a caller left open without close-on-exec (a CI runner's pipes, a
+/// shell's) would otherwise reach the command, where a hostile server could use them.
+pub fn cloexec_from(first: RawFd) -> io::Result<()> {
+    let first = u32::try_from(first).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it sets a flag on descriptors of
+    // this process's table.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if done == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(err);
+    }
+    // Before Linux 5.11: each descriptor /proc lists (the directory's own is close-on-exec already).
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if fd >= first as RawFd && fd_is_open(fd) {
+            set_cloexec(fd, true)?;
+        }
+    }
+    Ok(())
+}
+
 /// Waits for one of the signals in `set`, which the caller keeps blocked, and returns its number and
 /// `si_code` (SI_KERNEL for a signal the terminal generated).
 pub fn wait_for_signal(set: &nix::sys::signal::SigSet) -> io::Result<(i32, i32)> {

@@ -340,6 +340,50 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// A shell script that prints `open N` for each of descriptors 3, 4 and 200 it has, then what it
+/// reads from 3 when it has 3 (see [`leave_descriptors_open`]).
+pub const DESCRIPTOR_PROBE: &str = "for fd in 3 4 200; do [ -e /proc/$$/fd/$fd ] && echo open $fd; done; [ -e /proc/$$/fd/3 ] && cat <&3; true";
+
+/// Makes `cmd` start with descriptors left open without close-on-exec, as a CI runner or a shell may
+/// leave them: 3 a pipe holding `passed`, 4 /dev/null, and 200 a pipe holding `secret` (both
+/// pipes' write ends closed, so a reader gets the line and then the end). Returns the test's own
+/// copies, to keep until `cmd` has started.
+pub fn leave_descriptors_open(cmd: &mut Command) -> [OwnedFd; 3] {
+    // Above every target number, so that no dup2 below overwrites a source still to be moved.
+    let high = |fd: &dyn AsRawFd| -> OwnedFd {
+        let fd = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(500))
+            .expect("dup above 500");
+        // SAFETY: fcntl returned this new descriptor, and nothing else owns it.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    };
+    let pipe_with = |text: &str| {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        nix::unistd::write(&write, text.as_bytes()).expect("write to the pipe");
+        high(&read)
+    };
+    let sources = [
+        pipe_with("passed\n"),
+        high(&fs::File::open("/dev/null").expect("/dev/null")),
+        pipe_with("secret\n"),
+    ];
+    let moves = [
+        (sources[0].as_raw_fd(), 3),
+        (sources[1].as_raw_fd(), 4),
+        (sources[2].as_raw_fd(), 200),
+    ];
+    // SAFETY: between fork and exec only dup2, which is async-signal-safe, runs; it leaves the new
+    // numbers without close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, to) in moves {
+                nix::unistd::dup2(from, to)?;
+            }
+            Ok(())
+        });
+    }
+    sources
+}
+
 /// The numbers of `pid`'s open descriptors, or `None` once it is gone.
 pub fn fd_numbers(pid: u32) -> Option<Vec<u32>> {
     Some(

@@ -529,6 +529,53 @@ fn inherited_listen_variables_do_not_reach_the_command() {
     assert!(leaked.is_empty(), "reached the command: {leaked:?}");
 }
 
+/// Descriptors the caller left open without close-on-exec (a CI runner's pipes, a shell's) do not
+/// reach the command, where the server could use them to reach the caller's world: it gets 0, 1 and
+/// 2 only. `--preserve-fds 2` passes on 3 and 4, and still not 200. A descriptor it names that is
+/// not open, or that --ready-fd takes, is refused before anything starts.
+#[test]
+fn the_callers_descriptors_reach_the_command_only_when_preserved() {
+    for (options, expected) in [
+        (&[][..], ""),
+        (&["--preserve-fds", "2"][..], "open 3\nopen 4\npassed\n"),
+    ] {
+        let mut cmd = lowport();
+        cmd.arg("run")
+            .args(options)
+            .args(["--", "/bin/sh", "-c", DESCRIPTOR_PROBE]);
+        let _writers = leave_descriptors_open(&mut cmd);
+        let (code, out, err) = run_to_end(&mut cmd);
+        assert_eq!((code, out.as_str()), (0, expected), "{options:?}: {err}");
+    }
+    for (options, says) in [
+        (
+            &["--preserve-fds", "3"][..],
+            "--preserve-fds 3: descriptor 5 is not open",
+        ),
+        (
+            &["--preserve-fds", "2", "--ready-fd", "4"][..],
+            "--ready-fd 4 is among the descriptors --preserve-fds 2 passes on",
+        ),
+        (
+            &[
+                "--preserve-fds",
+                "1",
+                "--socket-activation",
+                "-p",
+                "127.0.0.1:0:80",
+            ][..],
+            "--preserve-fds 1 cannot be combined with --socket-activation",
+        ),
+    ] {
+        let mut cmd = lowport();
+        cmd.arg("run").args(options).args(["--", "true"]);
+        let _writers = leave_descriptors_open(&mut cmd);
+        let (code, _, err) = run_to_end(&mut cmd);
+        assert_eq!(code, 2, "{options:?}: {err}");
+        assert!(err.contains(says), "{options:?}: {err}");
+    }
+}
+
 /// A command that starts a background process and exits: lowport warns that it "left" processes and
 /// to run it in the "foreground", exits with the command's status, and the background process is gone.
 #[test]

@@ -227,6 +227,31 @@ fn exec_runs_a_command_in_the_namespaces_as_root() {
     drop(launch);
 }
 
+/// The command of `lowport exec` gets none of the descriptors its caller left open (the server may
+/// trace it once it runs, and take them), but those `--preserve-fds` names.
+#[test]
+fn exec_passes_on_only_the_descriptors_asked_for() {
+    let rt = Runtime::new("inst-fds");
+    let launch = start_http(&rt, "web", &[]);
+    for (options, expected) in [
+        (&[][..], ""),
+        (&["--preserve-fds", "1"][..], "open 3\npassed\n"),
+    ] {
+        let mut cmd = rt.lowport(&["exec"]);
+        cmd.args(options)
+            .args(["web", "--", "/bin/sh", "-c", DESCRIPTOR_PROBE]);
+        let _writers = leave_descriptors_open(&mut cmd);
+        let (code, out, err) = run_to_end(&mut cmd);
+        assert_eq!((code, out.as_str()), (0, expected), "{options:?}: {err}");
+    }
+    let mut cmd = rt.lowport(&["exec", "--preserve-fds", "3", "web", "--", "true"]);
+    let _writers = leave_descriptors_open(&mut cmd);
+    let (code, _, err) = run_to_end(&mut cmd);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("descriptor 5 is not open"), "{err}");
+    drop(launch);
+}
+
 /// With handoff the server listens on the host's socket, not on its port inside; lowport mirrors
 /// the port on loopback inside, so clients there reach it. A port added later could reach the
 /// server only from the host's loopback, and would show every client as 127.0.0.1: refused.
@@ -1030,21 +1055,22 @@ fn an_instance_whose_directory_vanished_serves_and_ends_cleanly() {
 }
 
 /// What the server could take from the exec'd command through /proc/PID/fd: only its standard
-/// descriptors, not the namespaces, the control connection, or the relay's own (pty master,
-/// signalfd, pidfd). With and without a terminal.
+/// descriptors, not the namespaces, the control connection, the relay's own (pty master,
+/// signalfd, pidfd), or what the caller left open. With and without a terminal.
 #[test]
 fn an_exec_command_holds_only_its_standard_descriptors() {
     let rt = Runtime::new("atk-fds");
     let _web = start_http(&rt, "web", &[]);
     let list = "for f in /proc/$$/fd/*; do printf '%s ' ${f##*/}; done";
-    // What the same shell holds started without lowport: what this test inherited, and the
-    // directory the glob reads.
-    let (_, plain, _) =
-        run_to_end(unprivileged_as(NOBODY, NOBODY, Path::new("/bin/sh")).args(["-c", list]));
-    let (code, out, err) = rt.run(&["exec", "web", "--", "/bin/sh", "-c", list]);
+    // 0 to 2, and 3: the directory the glob reads.
+    let plain = "0 1 2 3";
+    let mut cmd = rt.lowport(&["exec", "web", "--", "/bin/sh", "-c", list]);
+    let _left_open = leave_descriptors_open(&mut cmd);
+    let (code, out, err) = run_to_end(&mut cmd);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), plain.trim());
+    assert_eq!(out.trim(), plain);
     let pty = test_pty();
+    // (Without descriptors left open here: they would take the numbers of the test's pty.)
     let mut cmd = rt.lowport(&["exec", "web", "--", "/bin/sh", "-c", list]);
     let mut child = spawn_on_terminal(&mut cmd, &pty);
     let status = wait_with_deadline(&mut child, PATIENCE).expect("lowport exec hung");
@@ -1058,5 +1084,5 @@ fn an_exec_command_holds_only_its_standard_descriptors() {
         }
         shown.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(String::from_utf8_lossy(&shown).trim(), plain.trim());
+    assert_eq!(String::from_utf8_lossy(&shown).trim(), plain);
 }

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub enum ClientError {
     Refused { name: String, message: String },
     #[error("-p {spec}: {message}")]
     Spec { spec: String, message: String },
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Bind(#[from] crate::host::BindError),
     #[error("cannot join the namespaces of instance '{name}': {source}")]
@@ -64,7 +66,9 @@ impl ClientError {
     /// 127 when it is not found, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Instance(InstanceError::BadName(_)) | ClientError::Spec { .. } => 2,
+            ClientError::Instance(InstanceError::BadName(_))
+            | ClientError::Spec { .. }
+            | ClientError::Usage(_) => 2,
             ClientError::Join { .. } => 125,
             ClientError::NotFound { .. } => 127,
             ClientError::Exec { .. } => 126,
@@ -364,7 +368,18 @@ fn print_ports(reply: Reply, out: &mut impl Write) {
 ///
 /// Must be called while the process has one thread: the kernel refuses setns(2) into a user or mount
 /// namespace otherwise.
-pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientError> {
+pub fn exec(
+    root: &Path,
+    name: &str,
+    preserve_fds: u32,
+    argv: &[OsString],
+) -> Result<i32, ClientError> {
+    let last = 3 + i64::from(preserve_fds) - 1;
+    if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
+        return Err(ClientError::Usage(format!(
+            "--preserve-fds {preserve_fds}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file 4>&1) or give a smaller N"
+        )));
+    }
     // Once this process joins the instance's user namespace, its credentials belong to it, where the
     // server is root: to the kernel's ptrace checks the server may then trace it, read its
     // environment and descriptors (the user's terminal) and write its memory, through the host's
@@ -417,6 +432,9 @@ pub fn exec(root: &Path, name: &str, argv: &[OsString]) -> Result<i32, ClientErr
     // `session`), so this is a second wall: were it to get it, it could type into the caller's shell.
     sys::install_command_filter(sys::FilterKind::Terminal).map_err(join_error)?;
 
+    // As `lowport run` does for its command: nothing the caller left open reaches the command, where
+    // the server may trace it and take its descriptors, but what --preserve-fds asks for.
+    sys::cloexec_from(3 + preserve_fds as RawFd).map_err(join_error)?;
     let program = argv[0].to_string_lossy().into_owned();
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
