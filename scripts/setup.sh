@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 # program:package pairs
-needed="curl:curl setpriv:util-linux unshare:util-linux newuidmap:uidmap newgidmap:uidmap bash:bash nginx:nginx-light lighttpd:lighttpd dnsmasq:dnsmasq iperf3:iperf3 ps:procps ip:iproute2 setcap:libcap2-bin pasta:passt systemd-analyze:systemd systemd-socket-activate:systemd man:man-db"
+needed="curl:curl setpriv:util-linux unshare:util-linux newuidmap:uidmap newgidmap:uidmap bash:bash nginx:nginx-light lighttpd:lighttpd dnsmasq:dnsmasq iperf3:iperf3 ps:procps ip:iproute2 setcap:libcap2-bin pasta:passt systemd-analyze:systemd systemd-socket-activate:systemd man:man-db strace:strace"
 missing=""
 for pair in $needed; do
     prog=${pair%%:*}

@@ -54,9 +54,9 @@ pub enum Command {
     Exec {
         /// The instance, as `lowport ps` lists it
         name: String,
-        /// Pass descriptors 3 to 3+N-1 on to the command; without it the command gets only its own
-        /// terminal as 0, 1 and 2, and any other descriptor the caller left open is closed at its
-        /// exec. Each must be open
+        /// Pass descriptors 3 to 3+N-1 on to the command; without it the command gets only 0, 1 and
+        /// 2 (its own terminal, when lowport exec runs on one), and any other descriptor the caller
+        /// left open is closed at its exec. Each must be open. What it passes, the server can reach
         #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(..=MAX_PRESERVED_FDS))]
         preserve_fds: u32,
         /// The program to run and its arguments
@@ -157,9 +157,9 @@ pub struct RunArgs {
 
     /// Pass descriptors 3 to 3+N-1 on to the command, as podman's --preserve-fds does. Without it
     /// the command gets only 0, 1 and 2 (and the sockets of --socket-activation or systemd): any
-    /// other descriptor the caller left open is closed at its exec, so a server cannot use it.
-    /// Each must be open; not with --socket-activation or sockets from systemd, which are numbered
-    /// from 3 too
+    /// other descriptor the caller left open is closed at its exec, so a server cannot use it
+    /// (what it passes, the server can reach). Each must be open; not with --socket-activation or
+    /// sockets from systemd, which are numbered from 3 too
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(..=MAX_PRESERVED_FDS))]
     pub preserve_fds: u32,
 

@@ -130,6 +130,8 @@ pub enum InitError {
     },
     #[error("cannot install the seccomp filter that keeps the command from typing into the terminal: {0} (does this kernel have CONFIG_SECCOMP_FILTER?)")]
     Filter(#[source] io::Error),
+    #[error("cannot keep the descriptors the caller left open from the command: {0} (neither close_range(2) nor /proc/self/fd could be used)")]
+    Descriptors(#[source] io::Error),
     #[error("{0:?} contains a NUL byte")]
     Nul(OsString),
 }
@@ -221,6 +223,7 @@ const MSG_PID: u8 = b'P';
 const MSG_EXEC_FAILED: u8 = b'E';
 const MSG_FORK_FAILED: u8 = b'F';
 const MSG_FILTER_FAILED: u8 = b'S';
+const MSG_DESCRIPTORS_FAILED: u8 = b'D';
 
 /// Starts the pid-1 helper and the command under it.
 ///
@@ -356,6 +359,10 @@ fn parse_report(
             MSG_FILTER_FAILED => {
                 let _ = waitpid(started.init, None);
                 return Err(InitError::Filter(io::Error::from_raw_os_error(value)));
+            }
+            MSG_DESCRIPTORS_FAILED => {
+                let _ = waitpid(started.init, None);
+                return Err(InitError::Descriptors(io::Error::from_raw_os_error(value)));
             }
             MSG_EXEC_FAILED | MSG_FORK_FAILED => {
                 // The helper exits right after the command does; reap it so nothing is left.
@@ -641,7 +648,7 @@ fn exec_command(
     if let Err(e) = sys::cloexec_from(3 + passed as RawFd) {
         send(
             status,
-            MSG_EXEC_FAILED,
+            MSG_DESCRIPTORS_FAILED,
             e.raw_os_error().unwrap_or(libc::EBADF),
         );
         sys::exit_now(125);

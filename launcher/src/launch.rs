@@ -1411,10 +1411,14 @@ fn check_preserved(config: &Config, given: &activation::Given) -> Result<(), Lau
         return Ok(());
     }
     let last = 3 + n as i64 - 1;
-    if config.socket_activation || !given.raw_fds().is_empty() {
+    if config.socket_activation {
         return Err(LaunchError::Usage(format!(
-            "--preserve-fds {n} cannot be combined with {}: those sockets are the command's descriptors from 3 (LISTEN_FDS), where the preserved ones would be; pass what else the server needs as files or sockets it opens itself",
-            if config.socket_activation { "--socket-activation" } else { "sockets systemd gave lowport" }
+            "--preserve-fds {n} cannot be combined with --socket-activation, which gives the command the host sockets as descriptors from 3 (LISTEN_FDS), where the preserved ones would be; let the server open what else it needs itself"
+        )));
+    }
+    if !given.raw_fds().is_empty() {
+        return Err(LaunchError::Usage(format!(
+            "--preserve-fds {n}: descriptors from 3 are the sockets systemd gave lowport (LISTEN_FDS), not descriptors to pass on; let the server open what else it needs itself"
         )));
     }
     if let Some(fd) = config
@@ -1422,12 +1426,12 @@ fn check_preserved(config: &Config, given: &activation::Given) -> Result<(), Lau
         .filter(|&fd| (3..=last).contains(&i64::from(fd)))
     {
         return Err(LaunchError::Usage(format!(
-            "--ready-fd {fd} is among the descriptors --preserve-fds {n} passes on (3 to {last}); lowport closes it before the command starts, so give it a number above {last}"
+            "--ready-fd {fd} is among the descriptors --preserve-fds {n} passes on (3 to {last}); it is lowport's own and never reaches the command, so give it a number above {last}"
         )));
     }
     if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
         return Err(LaunchError::Usage(format!(
-            "--preserve-fds {n}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file 4>&1) or give a smaller N"
+            "--preserve-fds {n}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file) or give a smaller N"
         )));
     }
     Ok(())

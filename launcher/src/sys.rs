@@ -250,11 +250,10 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     if done == 0 {
         return Ok(());
     }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-        return Err(err);
-    }
-    // Before Linux 5.11: each descriptor /proc lists (the directory's own is close-on-exec already).
+    // ENOSYS before Linux 5.9, EINVAL for the flag before 5.11, EPERM from a seccomp profile that
+    // does not know the call (as systemd's close_all_fds, fall back on each): each descriptor that
+    // /proc lists (the directory's own is close-on-exec already). The caller's /proc must be of its
+    // own pid namespace.
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let Some(fd) = entry?
             .file_name()

@@ -252,6 +252,45 @@ fn exec_passes_on_only_the_descriptors_asked_for() {
     drop(launch);
 }
 
+/// Where close_range(2) cannot mark descriptors close-on-exec (Linux before 5.11, or a seccomp
+/// profile that refuses it), lowport marks each that /proc/self/fd lists: strace makes the call fail
+/// with ENOSYS and with EPERM, and the commands of `run` and of `exec` (which reads /proc before it
+/// joins the instance's namespaces) still get none of the descriptors left open.
+#[test]
+fn without_close_range_the_command_still_gets_no_descriptor_left_open() {
+    let strace = tool(&["/usr/bin/strace", "/bin/strace"]);
+    if !require(strace.is_some(), "strace") {
+        return;
+    }
+    let rt = Runtime::new("inst-noclose");
+    let launch = start_http(&rt, "web", &[]);
+    let trace = rt.path().join("trace");
+    for errno in ["ENOSYS", "EPERM"] {
+        for args in [
+            &["run", "--", "/bin/sh", "-c", DESCRIPTOR_PROBE][..],
+            &["exec", "web", "--", "/bin/sh", "-c", DESCRIPTOR_PROBE][..],
+        ] {
+            let mut cmd = unprivileged_as(NOBODY, NOBODY, Path::new(strace.unwrap()));
+            cmd.env("XDG_RUNTIME_DIR", rt.path())
+                .args(["-f", "-qq", "-e", "trace=close_range", "-o"])
+                .arg(&trace)
+                .arg("-e")
+                .arg(format!("inject=close_range:error={errno}"))
+                .arg(lowport_bin())
+                .args(args);
+            let _left_open = leave_descriptors_open(&mut cmd);
+            let (code, out, err) = run_to_end(&mut cmd);
+            let traced = fs::read_to_string(&trace).unwrap_or_default();
+            assert!(
+                traced.contains("(INJECTED)"),
+                "{errno} {args:?}: close_range was not made to fail: {traced}"
+            );
+            assert_eq!((code, out.as_str()), (0, ""), "{errno} {args:?}: {err}");
+        }
+    }
+    drop(launch);
+}
+
 /// With handoff the server listens on the host's socket, not on its port inside; lowport mirrors
 /// the port on loopback inside, so clients there reach it. A port added later could reach the
 /// server only from the host's loopback, and would show every client as 127.0.0.1: refused.

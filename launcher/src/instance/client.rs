@@ -377,9 +377,20 @@ pub fn exec(
     let last = 3 + i64::from(preserve_fds) - 1;
     if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
         return Err(ClientError::Usage(format!(
-            "--preserve-fds {preserve_fds}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file 4>&1) or give a smaller N"
+            "--preserve-fds {preserve_fds}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file) or give a smaller N"
         )));
     }
+    // As `lowport run` does for its command: nothing the caller left open reaches the command, where
+    // the server may trace it and take its descriptors, but what --preserve-fds asks for. Before
+    // joining the instance's mount namespace, whose /proc (the fallback's) is of another pid
+    // namespace; what this process opens later is close-on-exec.
+    sys::cloexec_from(3 + preserve_fds as RawFd).map_err(|source| ClientError::Exec {
+        program: argv[0].to_string_lossy().into_owned(),
+        source: io::Error::new(
+            source.kind(),
+            format!("cannot keep the descriptors you left open from it: {source}"),
+        ),
+    })?;
     // Once this process joins the instance's user namespace, its credentials belong to it, where the
     // server is root: to the kernel's ptrace checks the server may then trace it, read its
     // environment and descriptors (the user's terminal) and write its memory, through the host's
@@ -432,9 +443,6 @@ pub fn exec(
     // `session`), so this is a second wall: were it to get it, it could type into the caller's shell.
     sys::install_command_filter(sys::FilterKind::Terminal).map_err(join_error)?;
 
-    // As `lowport run` does for its command: nothing the caller left open reaches the command, where
-    // the server may trace it and take its descriptors, but what --preserve-fds asks for.
-    sys::cloexec_from(3 + preserve_fds as RawFd).map_err(join_error)?;
     let program = argv[0].to_string_lossy().into_owned();
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]);
