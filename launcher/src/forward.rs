@@ -209,7 +209,7 @@ async fn accept_loop(
     options: Options,
     limit: &Arc<Semaphore>,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = SHORTAGE_FIRST_WAIT;
     let local = listener.local_addr().ok();
     // A client comes in the listener's family (an IPv4 client of an IPv6 socket that is not
     // IPV6_V6ONLY, as an inherited one may be, gets a socket of its own in `connect_from`).
@@ -238,7 +238,7 @@ async fn accept_loop(
         }
         match listener.accept().await {
             Ok((client, peer)) => {
-                backoff = Duration::from_millis(5);
+                backoff = SHORTAGE_FIRST_WAIT;
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
                 };
@@ -263,6 +263,11 @@ async fn accept_loop(
     }
 }
 
+/// The first wait when descriptors or memory run out, doubled at each failure up to
+/// [`SHORTAGE_LONGEST_WAIT`]: the relay's accept loops and the control socket wait so.
+pub(crate) const SHORTAGE_FIRST_WAIT: Duration = Duration::from_millis(5);
+pub(crate) const SHORTAGE_LONGEST_WAIT: Duration = Duration::from_secs(1);
+
 /// Out of descriptors or memory: logs `what`, then waits `backoff` for connections to end instead of
 /// spinning, and doubles it up to a second.
 async fn back_off(backoff: &mut Duration, err: &io::Error, local: Option<SocketAddr>, what: &str) {
@@ -273,10 +278,11 @@ async fn back_off(backoff: &mut Duration, err: &io::Error, local: Option<SocketA
         "{what}; backing off"
     );
     tokio::time::sleep(*backoff).await;
-    *backoff = (*backoff * 2).min(Duration::from_secs(1));
+    *backoff = (*backoff * 2).min(SHORTAGE_LONGEST_WAIT);
 }
 
-fn is_resource_shortage(err: &io::Error) -> bool {
+/// Out of descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM): a shortage to wait out.
+pub(crate) fn is_resource_shortage(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

@@ -47,6 +47,16 @@ pub struct CommandSpec {
     pub preserve_fds: u32,
 }
 
+/// `--preserve-fds N` of `run` and `exec`: what is wrong when one of descriptors 3 to 3+N-1 is not
+/// open, or `None`.
+pub fn preserved_not_open(n: u32) -> Option<String> {
+    let last = 3 + i64::from(n) - 1;
+    let fd = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd))?;
+    Some(format!(
+        "--preserve-fds {n}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file) or give a smaller N"
+    ))
+}
+
 /// The variables of systemd's socket-activation protocol. Inherited from lowport's own parent they
 /// describe lowport's descriptors, not the command's, so the command never sees them unless
 /// `--socket-activation` sets its own.

@@ -1429,12 +1429,7 @@ fn check_preserved(config: &Config, given: &activation::Given) -> Result<(), Lau
             "--ready-fd {fd} is among the descriptors --preserve-fds {n} passes on (3 to {last}); it is lowport's own and never reaches the command, so give it a number above {last}"
         )));
     }
-    if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
-        return Err(LaunchError::Usage(format!(
-            "--preserve-fds {n}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file) or give a smaller N"
-        )));
-    }
-    Ok(())
+    init::preserved_not_open(n).map_or(Ok(()), |message| Err(LaunchError::Usage(message)))
 }
 
 #[cfg(test)]

@@ -374,11 +374,8 @@ pub fn exec(
     preserve_fds: u32,
     argv: &[OsString],
 ) -> Result<i32, ClientError> {
-    let last = 3 + i64::from(preserve_fds) - 1;
-    if let Some(fd) = (3..=last).find(|&fd| !sys::fd_is_open(fd as RawFd)) {
-        return Err(ClientError::Usage(format!(
-            "--preserve-fds {preserve_fds}: descriptor {fd} is not open; --preserve-fds passes on 3 to {last}, so open each in the calling shell (as in 3<file) or give a smaller N"
-        )));
+    if let Some(message) = crate::init::preserved_not_open(preserve_fds) {
+        return Err(ClientError::Usage(message));
     }
     // As `lowport run` does for its command: nothing the caller left open reaches the command, where
     // the server may trace it and take its descriptors, but what --preserve-fds asks for. Before

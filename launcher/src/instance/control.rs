@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::PortState;
+use crate::forward::{is_resource_shortage, SHORTAGE_FIRST_WAIT, SHORTAGE_LONGEST_WAIT};
 use crate::publish::{Protocol, PublishSpec};
 use crate::sys;
 
@@ -203,11 +204,6 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
-/// The control socket's first wait when descriptors run out, doubled at each failure up to
-/// [`SHORTAGE_LONGEST_WAIT`], as the relay's accept loops wait.
-const SHORTAGE_FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
-const SHORTAGE_LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Answers requests on `listener` on a thread of its own, one connection at a time, for as long as
 /// lowport runs.
 pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
@@ -227,12 +223,7 @@ pub fn serve(listener: OwnedFd, served: Served) -> io::Result<()> {
                     // Out of descriptors or memory (the relay can take the number an answered
                     // connection gave back): wait for them as the relay does, and serve again once
                     // they are back.
-                    Err(
-                        err @ (nix::errno::Errno::EMFILE
-                        | nix::errno::Errno::ENFILE
-                        | nix::errno::Errno::ENOBUFS
-                        | nix::errno::Errno::ENOMEM),
-                    ) => {
+                    Err(err) if is_resource_shortage(&err.into()) => {
                         warn!(
                             ?err,
                             delay_ms = backoff.as_millis() as u64,
